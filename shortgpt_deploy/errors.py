@@ -1,0 +1,29 @@
+"""Project errors. Library code raises these with a message that names the fix; only the CLI prints them."""
+
+
+class ShortGPTError(Exception):
+    """Base class: the message is shown to the user as it is, so it must say what to do."""
+
+
+class RecipeError(ShortGPTError):
+    """A recipe file that does not parse or validate."""
+
+
+class ModelLoadError(ShortGPTError):
+    """A model that cannot be found, downloaded or understood."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """An architecture whose decoder layers we do not know how to find or slice."""
+
+
+class CalibrationError(ShortGPTError):
+    """Calibration text that is missing, empty or too short."""
+
+
+class PlanError(ShortGPTError):
+    """A removal request that cannot be honoured (out of range, protected, all layers, ...)."""
+
+
+class OutputExistsError(ShortGPTError):
+    """An output folder that already exists without --force."""

