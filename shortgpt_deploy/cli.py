@@ -187,11 +187,12 @@ def build(
             "run_dir": str(result.run_dir),
             "pruned": str(result.pruned_dir) if result.pruned_dir else None,
             "plan": result.plan.to_dict(),
-            "scores": result.scores.scores,
+            "scores": result.scores.scores if result.scores else None,
             "timings_s": result.manifest.timings_s,
         }, indent=2))
         return
-    _print_scores(result.scores.scores, result.scores.removal_order, result.scores.metric, set(result.plan.remove))
+    if result.scores is not None:
+        _print_scores(result.scores.scores, result.scores.removal_order, result.scores.metric, set(result.plan.remove))
     out.print(result.plan.summary())
     out.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.manifest.timings_s.items()))
     for name in ("scores.json", "plan.json", "bi.png", "manifest.json", "pruned/"):

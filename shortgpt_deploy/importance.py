@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .errors import PlanError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel
 
     from .calibration import CalibrationSet
@@ -161,8 +162,6 @@ class _Collector:
 
     def fold_pairs(self) -> None:
         """Angular distance between every pair of boundaries of this batch (Gromov et al.'s blocks)."""
-        import torch
-
         assert self.stats.pair_angle_sum is not None and self.mask is not None
         ids = sorted(self.boundaries)
         for a, i in enumerate(ids):
@@ -191,7 +190,6 @@ def collect_stats(
     progress: bool = True,
 ) -> LayerStats:
     """One forward pass over the calibration set, every layer scored at once; `skip` layers act as removed."""
-    import torch
     from tqdm.auto import tqdm
 
     from .modeling import decoder_body, decoder_layers, layers_removed

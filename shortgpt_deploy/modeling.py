@@ -207,14 +207,16 @@ def convert_gguf(gguf_file: Path, *, add_bos: bool | None = None) -> Path:
 
 
 def load_model(
-    folder: Path, *, dtype: str = "float32"
+    folder: Path, *, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
     except (ValueError, KeyError, OSError) as err:
         raise ModelLoadError(f"transformers could not load {folder}: {err}") from None
     model.eval()

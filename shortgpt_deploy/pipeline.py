@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BuildResult:
     run_dir: Path
-    scores: LayerScores
+    scores: LayerScores | None
     plan: LayerPlan
     pruned_dir: Path | None
     manifest: Manifest
@@ -66,13 +66,19 @@ def _calibrate_and_score(
         return score_layers(model, calibration, metric=prune.metric, model_name=checkpoint.source, progress=progress)
 
 
+def _is_quantized(folder: Path) -> bool:
+    import json
+
+    return "quantization_config" in json.loads((folder / "config.json").read_text())
+
+
 def score_model(
     model_spec: ModelSpec, calib: CalibrationSpec, *, metric: str, out: Path, progress: bool = True
 ) -> LayerScores:
     """`shortgpt-deploy score`: per-layer scores of a model, written to `out` (scores.json)."""
     manifest = Manifest()
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
-    model, tokenizer = load_model(checkpoint.path, dtype=model_spec.dtype)
+    model, tokenizer = load_model(checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code)
     prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when only scoring
     scores = _calibrate_and_score(model, tokenizer, checkpoint, model_spec, calib, prune, manifest, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,20 +130,27 @@ def build(
         with manifest.timed("resolve_model"):
             checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
         manifest.inputs["checkpoint"] = {"path": str(checkpoint.path), "kind": checkpoint.kind}
-        with manifest.timed("load_model"):
-            model, tokenizer = load_model(checkpoint.path, dtype=recipe.model.dtype)
-        scores = _calibrate_and_score(
-            model, tokenizer, checkpoint, recipe.model, recipe.calibration, recipe.prune, manifest, progress=progress
-        )
-        scores.save(tmp / "scores.json")
-        num_layers = scores.num_layers
-        del model  # surgery streams from disk; free the weights first
         p = recipe.prune
+        num_layers = read_config_layers(checkpoint.path)
+        scores = None
+        # An explicit layer list needs no scores; a quantized source (the paper's Table 2) cannot be scored
+        # without its quantization kernels, so it is pruned by list alone.
+        if p.layers is None or not _is_quantized(checkpoint.path):
+            with manifest.timed("load_model"):
+                model, tokenizer = load_model(
+                    checkpoint.path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+                )
+            scores = _calibrate_and_score(
+                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, progress=progress
+            )
+            scores.save(tmp / "scores.json")
+            del model  # surgery streams from disk; free the weights first
         plan = make_plan(num_layers=num_layers, scores=scores, n_remove=p.n_remove, ratio=p.ratio, layers=p.layers,
                          protect=p.protect)
         plan.save(tmp / "plan.json")
         logger.info("plan: %s", plan.summary())
-        plot_scores(scores, plan, tmp / "bi.png", title=f"{checkpoint.source}: {scores.metric} per layer")
+        if scores is not None:
+            plot_scores(scores, plan, tmp / "bi.png", title=f"{checkpoint.source}: {scores.metric} per layer")
         pruned = None
         if not dry_run:
             with manifest.timed("surgery"):

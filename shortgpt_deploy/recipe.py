@@ -34,6 +34,7 @@ class ModelSpec(_Section):
         default=None, description="Prepend BOS to calibration text; default: what the tokenizer does itself."
     )
     revision: str | None = None
+    trust_remote_code: bool = Field(default=False, description="Run the model's own modelling code (Baichuan).")
 
 
 class HFDatasetSpec(_Section):

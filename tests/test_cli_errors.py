@@ -1,0 +1,163 @@
+"""Bad input: one clear error (exit code 2), naming the problem and the fix, and nothing left behind."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from shortgpt_deploy.cli import app
+from shortgpt_deploy.errors import UnsupportedArchitectureError
+from shortgpt_deploy.modeling import resolve_checkpoint
+from tiny import tiny_llama
+
+runner = CliRunner()
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def recipe_file(tmp_path, ckpt, **prune):
+    data = {
+        "model": {"path": str(ckpt)},
+        "calibration": {"files": [str(tmp_path / "text.txt")], "samples": 4, "seq_len": 32, "batch_size": 2},
+        "prune": prune or {"n_remove": 2},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "text.txt").write_text(("she was not the one to think of it and he had said so . " * 60).strip())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name or p.name in ("run", "out"))
+
+
+def test_build_works_on_a_tiny_model(tmp_path, ckpt):
+    code, output = run("build", recipe_file(tmp_path, ckpt), "--no-progress")
+    assert code == 0, output
+    run_dir = tmp_path / "run"
+    for name in ("recipe.yaml", "manifest.json", "scores.json", "plan.json", "bi.png", "pruned/config.json"):
+        assert (run_dir / name).exists(), name
+    assert "remove 2 of 6 layers" in output
+
+
+def test_recipe_typo(tmp_path, ckpt):
+    path = recipe_file(tmp_path, ckpt, n_remov=2)
+    code, output = run("build", path)
+    assert code == 2
+    assert "prune.n_remov: unknown field" in output
+    assert leftovers(tmp_path) == []
+
+
+def test_both_n_remove_and_ratio(tmp_path, ckpt):
+    code, output = run("build", recipe_file(tmp_path, ckpt, n_remove=2, ratio=0.5))
+    assert code == 2 and "exactly one of n_remove, ratio or layers" in output
+
+
+def test_removing_all_layers(tmp_path, ckpt):
+    code, output = run("prune", ckpt, "--out", tmp_path / "out", "--layers", "0,1,2,3,4,5", "--protect", "")
+    assert code == 2 and "cannot remove all 6 layers" in output
+    assert leftovers(tmp_path) == []
+
+
+def test_removing_a_protected_layer(tmp_path, ckpt):
+    code, output = run("prune", ckpt, "--out", tmp_path / "out", "--layers", "5")
+    assert code == 2 and "layer 5 is protected" in output and "--protect" in output
+    assert leftovers(tmp_path) == []
+
+
+def test_layer_index_out_of_range(tmp_path, ckpt):
+    code, output = run("prune", ckpt, "--out", tmp_path / "out", "--layers", "2,17")
+    assert code == 2 and "layer index 17 is out of range: the model has layers 0..5" in output
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_model_path(tmp_path):
+    code, output = run("prune", tmp_path / "no-such-model", "--out", tmp_path / "out", "--layers", "1")
+    assert code == 2 and "model path not found" in output
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, output = run("prune", tmp_path / "empty", "--out", tmp_path / "out", "--layers", "1")
+    assert code == 2 and "no config.json" in output
+
+
+def test_gguf_of_an_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "notanarch")
+    writer.add_block_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitectureError, match="notanarch"):
+        resolve_checkpoint(str(path))
+
+
+def test_empty_calibration_text(tmp_path, ckpt):
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, output = run("score", ckpt, "--calibration", tmp_path / "empty.txt", "--out", tmp_path / "s.json")
+    assert code == 2 and "contains no text" in output
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_too_short_calibration_text(tmp_path, ckpt):
+    (tmp_path / "short.txt").write_text("she was not the one " * 10)
+    code, output = run("score", ckpt, "--calibration", tmp_path / "short.txt", "--samples", "8", "--seq-len", "32",
+                       "--out", tmp_path / "s.json")
+    assert code == 2 and "calibration text too short" in output and "calibration.samples" in output
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_missing_calibration_file(tmp_path, ckpt):
+    code, output = run("score", ckpt, "--calibration", tmp_path / "nope.txt", "--out", tmp_path / "s.json")
+    assert code == 2 and "calibration file not found" in output
+
+
+def test_output_folder_exists(tmp_path, ckpt):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, output = run("prune", ckpt, "--out", out, "--layers", "2")
+    assert code == 2 and "already exists" in output and "--force" in output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, output = run("prune", ckpt, "--out", out, "--layers", "2", "--force", "--no-progress")
+    assert code == 0, output
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_build_refuses_an_existing_run_folder(tmp_path, ckpt):
+    (tmp_path / "run").mkdir()
+    code, output = run("build", recipe_file(tmp_path, ckpt))
+    assert code == 2 and "already exists" in output
+
+
+def test_hub_id_without_network(tmp_path):
+    # A closed local port stands in for an unreachable hub; the message must say how to work offline.
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "shortgpt_deploy", "prune", "some-org/some-model", "--out", str(tmp_path / "o"),
+         "--layers", "1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "could not download 'some-org/some-model'" in proc.stderr
+    assert "local folder" in proc.stderr
+    assert not (tmp_path / "o").exists()
