@@ -249,12 +249,15 @@ def decoder_body(model: PreTrainedModel) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def layers_removed(model: PreTrainedModel, removed: set[int] | frozenset[int]) -> Iterator[None]:
-    """Run the model as if `removed` layers were deleted, without copying weights; restores on exit.
+    """Run the model exactly as if `removed` layers were deleted, without copying weights; restores on exit.
 
-    transformers iterates `self.layers[: config.num_hidden_layers]`, and every layer keeps its own attention
-    type, so a shorter ModuleList is exactly the pruned model (use_cache=False: KV-cache slots are by index).
+    Three things change together, as surgery changes them on disk: the layer list, the per-layer config fields
+    (several models look up `config.layer_types[i]` by position), and each kept layer's `layer_idx` (its slot
+    in the KV cache).
     """
     import torch
+
+    from .surgery import slice_config
 
     if not removed:
         yield
@@ -265,11 +268,27 @@ def layers_removed(model: PreTrainedModel, removed: set[int] | frozenset[int]) -
         parent = getattr(parent, part)
     attr = path.split(".")[-1]
     original = getattr(parent, attr)
-    setattr(parent, attr, torch.nn.ModuleList([m for i, m in enumerate(original) if i not in removed]))
+    keep = [i for i in range(len(original)) if i not in removed]
+    cfg = model.config.get_text_config()
+    fields = cfg.to_dict()
+    slice_config(fields, keep)
+    saved_cfg = {k: getattr(cfg, k) for k, v in fields.items() if hasattr(cfg, k) and getattr(cfg, k) != v}
+    saved_idx = [(m, m.layer_idx) for m in original.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     try:
+        setattr(parent, attr, torch.nn.ModuleList([original[i] for i in keep]))
+        for k in saved_cfg:
+            setattr(cfg, k, fields[k])
+        for new, old in enumerate(keep):
+            for m in original[old].modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new
         yield
     finally:
         setattr(parent, attr, original)
+        for k, v in saved_cfg.items():
+            setattr(cfg, k, v)
+        for m, idx in saved_idx:
+            m.layer_idx = idx
 
 
 def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

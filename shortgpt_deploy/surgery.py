@@ -147,7 +147,9 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     raise UnsupportedArchitectureError("config.json has no num_hidden_layers (nor text_config.num_hidden_layers)")
 
 
-def slice_config(config: dict[str, Any], plan: LayerPlan, derived_layer_types: list[str] | None = None) -> list[str]:
+def slice_config(
+    config: dict[str, Any], keep: list[int] | tuple[int, ...], derived_layer_types: list[str] | None = None
+) -> list[str]:
     """Rewrite `config` in place for the kept layers; return a note per changed field.
 
     `derived_layer_types` is what transformers computes when the file has no explicit `layer_types` (e.g. from
@@ -155,9 +157,9 @@ def slice_config(config: dict[str, Any], plan: LayerPlan, derived_layer_types: l
     the rule that produced it no longer holds once layers are gone.
     """
     cfg = text_config(config)
-    n, keep = plan.num_layers_before, list(plan.keep)
-    if cfg["num_hidden_layers"] != n:
-        raise PlanError(f"the plan is for {n} layers but config.json has num_hidden_layers={cfg['num_hidden_layers']}")
+    n, keep = cfg["num_hidden_layers"], list(keep)
+    if keep and keep[-1] >= n:
+        raise PlanError(f"the plan keeps layer {keep[-1]} but config.json has num_hidden_layers={n}")
     notes = [f"num_hidden_layers: {n} → {len(keep)}"]
     if "layer_types" not in cfg and derived_layer_types is not None and len(derived_layer_types) == n:
         cfg["layer_types"] = list(derived_layer_types)
@@ -300,7 +302,10 @@ def prune_checkpoint(
     shards, index = _weight_files(src)
     names = [n for s in shards for n in read_safetensors_header(s)[0] if n != "__metadata__"]
     prefix = detect_layer_prefix(names, text_config(config)["num_hidden_layers"])
-    notes = slice_config(config, plan, _derived_layer_types(src))
+    if text_config(config)["num_hidden_layers"] != plan.num_layers_before:
+        raise PlanError(f"the plan is for {plan.num_layers_before} layers but {src}/config.json has "
+                        f"num_hidden_layers={text_config(config)['num_hidden_layers']}")
+    notes = slice_config(config, plan.keep, _derived_layer_types(src))
     if "quantization_config" in config:
         config["quantization_config"] = remap_module_names(config["quantization_config"], prefix, plan)
         notes.append("quantization_config: layer module names renumbered")

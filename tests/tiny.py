@@ -23,15 +23,16 @@ def tiny_tokenizer():
     )
 
 
-def tiny_llama(folder: Path, *, num_layers: int = 6, seed: int = 0) -> Path:
+def tiny_llama(folder: Path, *, num_layers: int = 6, seed: int = 0, hidden_size: int = 32, num_heads: int = 4) -> Path:
+    """vLLM's CPU attention needs head_dim (hidden_size / num_heads) of 32 or more; the default is smaller."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads // 2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
         pad_token_id=3,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
