@@ -49,7 +49,7 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ShortGPTError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted; nothing was left half-written[/]")
@@ -92,7 +92,9 @@ def score(
     from .recipe import CalibrationSpec, ModelSpec
 
     try:
-        calib = CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed)
+        calib = CalibrationSpec.from_cli(
+            calibration, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed
+        )
         spec = ModelSpec(path=model, dtype=dtype)  # type: ignore[arg-type]
     except ValueError as err:
         raise ShortGPTError(str(err)) from None
@@ -144,12 +146,20 @@ def prune(
     try:
         spec = PruneSpec(
             metric=loaded.metric if loaded else "bi",  # type: ignore[arg-type]
-            n_remove=n_remove, ratio=ratio, layers=_ints(layers, "--layers"), protect=_ints(protect, "--protect") or [],
+            n_remove=n_remove,
+            ratio=ratio,
+            layers=_ints(layers, "--layers"),
+            protect=_ints(protect, "--protect") or [],
         )
     except ValueError as err:
         raise ShortGPTError(str(err).split("\n", 1)[-1]) from None
     plan, notes = prune_model(
-        ModelSpec(path=model), out_dir=out_dir, prune=spec, scores=loaded, dry_run=dry_run, force=force,
+        ModelSpec(path=model),
+        out_dir=out_dir,
+        prune=spec,
+        scores=loaded,
+        dry_run=dry_run,
+        force=force,
         progress=not no_progress,
     )
     out.print(plan.summary())
@@ -167,7 +177,9 @@ def prune(
 @handles_errors
 def build(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML, e.g. recipes/default.yaml.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: the recipe's output.dir).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: the recipe's output.dir).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Score and plan, but write no checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -180,16 +192,27 @@ def build(
     from .recipe import load_recipe
 
     parsed = load_recipe(recipe)
-    result = run_build(parsed, recipe_text=recipe.read_text(), out_dir=out_dir, force=force, dry_run=dry_run,
-                       progress=not no_progress)
+    result = run_build(
+        parsed,
+        recipe_text=recipe.read_text(),
+        out_dir=out_dir,
+        force=force,
+        dry_run=dry_run,
+        progress=not no_progress,
+    )
     if as_json:
-        print(json.dumps({
-            "run_dir": str(result.run_dir),
-            "pruned": str(result.pruned_dir) if result.pruned_dir else None,
-            "plan": result.plan.to_dict(),
-            "scores": result.scores.scores if result.scores else None,
-            "timings_s": result.manifest.timings_s,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(result.run_dir),
+                    "pruned": str(result.pruned_dir) if result.pruned_dir else None,
+                    "plan": result.plan.to_dict(),
+                    "scores": result.scores.scores if result.scores else None,
+                    "timings_s": result.manifest.timings_s,
+                },
+                indent=2,
+            )
+        )
         return
     if result.scores is not None:
         _print_scores(result.scores.scores, result.scores.removal_order, result.scores.metric, set(result.plan.remove))

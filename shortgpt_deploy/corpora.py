@@ -97,9 +97,7 @@ class _Reader:
 
     def header(self) -> None:
         if bytes(self.buf[:2]) != b"X\n":
-            raise ValueError(
-                f"not an XDR R serialization (header {bytes(self.buf[:2])!r}); only 'X\\n' is supported"
-            )
+            raise ValueError(f"not an XDR R serialization (header {bytes(self.buf[:2])!r}); only 'X\\n' is supported")
         self.pos = 2
         version, _writer, _min_reader = self.read_ints(3)
         if version == 3:  # v3 records the writer's native encoding for unflagged strings.
@@ -190,9 +188,7 @@ class _Reader:
             values = [self.item() for _ in range(self.length())]
             return _named(values, self.attributes(flags))
         else:
-            raise ValueError(
-                f"unsupported R SEXP type {sexptype} (flags 0x{flags:08x}) at byte {self.pos - 4}"
-            )
+            raise ValueError(f"unsupported R SEXP type {sexptype} (flags 0x{flags:08x}) at byte {self.pos - 4}")
         attrs = self.attributes(flags)
         return RVector(values, attrs) if attrs else values
 
@@ -219,9 +215,7 @@ def _read_rds(path: Path) -> object:
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     elif raw[:2] != b"X\n":
-        raise ValueError(
-            f"{path}: unsupported RDS compression (starts {raw[:6]!r}); only gzip or none is handled"
-        )
+        raise ValueError(f"{path}: unsupported RDS compression (starts {raw[:6]!r}); only gzip or none is handled")
     return unserialize(raw)
 
 
@@ -248,9 +242,7 @@ def read_lazyload_db(rdx_path: Path | str) -> dict[str, object]:
         expected = struct.unpack(">I", blob[:4])[0]
         data = zlib.decompress(blob[4:])
         if len(data) != expected:
-            raise ValueError(
-                f"{rdx_path}: {name!r} decompressed to {len(data)} bytes, header says {expected}"
-            )
+            raise ValueError(f"{rdx_path}: {name!r} decompressed to {len(data)} bytes, header says {expected}")
         result[name] = unserialize(data)
     logger.debug("read %d variables from %s", len(result), rdx_path)
     return result

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .recipe import ModelSpec
 
 logger = logging.getLogger(__name__)
 

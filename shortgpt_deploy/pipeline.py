@@ -59,9 +59,13 @@ def _calibrate_and_score(
         if prune.iterative:
             n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(prune.ratio), num_layers))
             return score_iteratively(
-                model, calibration, metric=prune.metric, n_remove=n,
+                model,
+                calibration,
+                metric=prune.metric,
+                n_remove=n,
                 protected=frozenset(normalize_protected(prune.protect, num_layers)),
-                model_name=checkpoint.source, progress=progress,
+                model_name=checkpoint.source,
+                progress=progress,
             )
         return score_layers(model, calibration, metric=prune.metric, model_name=checkpoint.source, progress=progress)
 
@@ -78,7 +82,9 @@ def score_model(
     """`shortgpt-deploy score`: per-layer scores of a model, written to `out` (scores.json)."""
     manifest = Manifest()
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
-    model, tokenizer = load_model(checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code)
+    model, tokenizer = load_model(
+        checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code
+    )
     prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when only scoring
     scores = _calibrate_and_score(model, tokenizer, checkpoint, model_spec, calib, prune, manifest, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,17 +104,24 @@ def prune_model(
 ) -> tuple[LayerPlan, list[str]]:
     """`shortgpt-deploy prune`: plan from explicit layers or saved scores, then write the checkpoint."""
     if out_dir.exists() and not force and not dry_run:
-        raise OutputExistsError(f"output folder {out_dir} already exists; choose another, or pass --force to replace it")
+        raise OutputExistsError(
+            f"output folder {out_dir} already exists; choose another, or pass --force to replace it"
+        )
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
     plan = make_plan(
-        num_layers=read_config_layers(checkpoint.path), scores=scores, n_remove=prune.n_remove, ratio=prune.ratio,
-        layers=prune.layers, protect=prune.protect,
+        num_layers=read_config_layers(checkpoint.path),
+        scores=scores,
+        n_remove=prune.n_remove,
+        ratio=prune.ratio,
+        layers=prune.layers,
+        protect=prune.protect,
     )
     logger.info("plan: %s", plan.summary())
     if dry_run:
         return plan, []
-    notes = prune_checkpoint(checkpoint.path, plan, out_dir=out_dir, base_model=checkpoint.source, force=force,
-                             progress=progress)
+    notes = prune_checkpoint(
+        checkpoint.path, plan, out_dir=out_dir, base_model=checkpoint.source, force=force, progress=progress
+    )
     return plan, notes
 
 
@@ -138,15 +151,23 @@ def build(
         if p.layers is None or not _is_quantized(checkpoint.path):
             with manifest.timed("load_model"):
                 model, tokenizer = load_model(
-                    checkpoint.path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+                    checkpoint.path,
+                    dtype=recipe.model.dtype,
+                    trust_remote_code=recipe.model.trust_remote_code,
                 )
             scores = _calibrate_and_score(
                 model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, progress=progress
             )
             scores.save(tmp / "scores.json")
             del model  # surgery streams from disk; free the weights first
-        plan = make_plan(num_layers=num_layers, scores=scores, n_remove=p.n_remove, ratio=p.ratio, layers=p.layers,
-                         protect=p.protect)
+        plan = make_plan(
+            num_layers=num_layers,
+            scores=scores,
+            n_remove=p.n_remove,
+            ratio=p.ratio,
+            layers=p.layers,
+            protect=p.protect,
+        )
         plan.save(tmp / "plan.json")
         logger.info("plan: %s", plan.summary())
         if scores is not None:
@@ -154,8 +175,14 @@ def build(
         pruned = None
         if not dry_run:
             with manifest.timed("surgery"):
-                prune_checkpoint(checkpoint.path, plan, out_dir=tmp / "pruned", base_model=checkpoint.source,
-                                 recipe_text=recipe_text, progress=progress)
+                prune_checkpoint(
+                    checkpoint.path,
+                    plan,
+                    out_dir=tmp / "pruned",
+                    base_model=checkpoint.source,
+                    recipe_text=recipe_text,
+                    progress=progress,
+                )
             pruned = run_dir / "pruned"
             if checkpoint.notice:
                 (tmp / "pruned" / "NOTICE").write_text(checkpoint.notice + "\n")

@@ -111,8 +111,11 @@ def make_plan(
             i: f"{scores.metric}={scores.scores[i]:.6g} ({how} {rank[i]} of {num_layers}, lowest first)" for i in remove
         }
         if scores.iterative:
-            reasons = {s["removed"]: f"{scores.metric}={s['score']:.6g} at step {k + 1} after re-scoring"
-                       for k, s in enumerate(scores.iterative) if s["removed"] in remove}
+            reasons = {
+                s["removed"]: f"{scores.metric}={s['score']:.6g} at step {k + 1} after re-scoring"
+                for k, s in enumerate(scores.iterative)
+                if s["removed"] in remove
+            }
     keep = tuple(i for i in range(num_layers) if i not in set(remove))
     return LayerPlan(num_layers, tuple(remove), keep, scores.metric, protected, reasons)
 

@@ -37,7 +37,11 @@ LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers")
 LAYER_THRESHOLD_FIELDS = ("max_window_layers", "first_k_dense_replace")
 # Fields that describe layers by a period; removing layers breaks the period unless it is trivial.
 LAYER_PERIOD_FIELDS = (
-    "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", "attn_layer_period", "expert_layer_period",
+    "decoder_sparse_step",
+    "moe_layer_freq",
+    "interleave_moe_layer_step",
+    "attn_layer_period",
+    "expert_layer_period",
 )
 # Periodic sliding-window patterns, harmless once layer_types is written out explicitly.
 PATTERN_FIELDS = ("sliding_window_pattern", "_sliding_window_pattern")
@@ -87,7 +91,11 @@ def rewrite_safetensors(src: Path, dst: Path, rename: dict[str, str | None], pro
         if new_name is None:
             continue
         begin, end = info["data_offsets"]
-        new_header[new_name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [pos, pos + end - begin]}
+        new_header[new_name] = {
+            "dtype": info["dtype"],
+            "shape": info["shape"],
+            "data_offsets": [pos, pos + end - begin],
+        }
         ranges.append((data_start + begin, end - begin))
         pos += end - begin
     blob = json.dumps(new_header, separators=(",", ":")).encode()
@@ -124,7 +132,7 @@ def tensor_renames(names: list[str], prefix: str, plan: LayerPlan) -> dict[str, 
         if m is None:
             continue
         old = int(m.group(1))
-        out[name] = None if old not in new_index else f"{prefix}{new_index[old]}.{name[m.end():]}"
+        out[name] = None if old not in new_index else f"{prefix}{new_index[old]}.{name[m.end() :]}"
     return out
 
 
@@ -243,7 +251,9 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
         other = [p.name for p in src.iterdir() if p.suffix in OTHER_WEIGHTS]
-        hint = f" (found {', '.join(other)}: convert to safetensors first, e.g. load and save_pretrained)" if other else ""
+        hint = (
+            f" (found {', '.join(other)}: convert to safetensors first, e.g. load and save_pretrained)" if other else ""
+        )
         raise ModelLoadError(f"{src} has no .safetensors weights{hint}")
     return shards, None
 
@@ -263,7 +273,9 @@ def _derived_layer_types(src: Path) -> list[str] | None:
 def prepare_output(out_dir: Path, *, force: bool) -> Path:
     """Refuse an existing output unless forced; return the empty temporary folder to build it in."""
     if out_dir.exists() and not force:
-        raise OutputExistsError(f"output folder {out_dir} already exists; choose another, or pass --force to replace it")
+        raise OutputExistsError(
+            f"output folder {out_dir} already exists; choose another, or pass --force to replace it"
+        )
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -303,8 +315,10 @@ def prune_checkpoint(
     names = [n for s in shards for n in read_safetensors_header(s)[0] if n != "__metadata__"]
     prefix = detect_layer_prefix(names, text_config(config)["num_hidden_layers"])
     if text_config(config)["num_hidden_layers"] != plan.num_layers_before:
-        raise PlanError(f"the plan is for {plan.num_layers_before} layers but {src}/config.json has "
-                        f"num_hidden_layers={text_config(config)['num_hidden_layers']}")
+        raise PlanError(
+            f"the plan is for {plan.num_layers_before} layers but {src}/config.json has "
+            f"num_hidden_layers={text_config(config)['num_hidden_layers']}"
+        )
     notes = slice_config(config, plan.keep, _derived_layer_types(src))
     if "quantization_config" in config:
         config["quantization_config"] = remap_module_names(config["quantization_config"], prefix, plan)
@@ -328,7 +342,9 @@ def prune_checkpoint(
                 weight_map.update({k: shard.name for k in kept if k is not None})
         if index is not None:
             meta = dict(index.get("metadata", {}), total_size=written)
-            (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+            (tmp / WEIGHTS_INDEX).write_text(
+                json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+            )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_side_files(src, tmp)
         (tmp / "README.md").write_text(model_card(plan, base_model or str(src), notes, recipe_text))
@@ -338,15 +354,28 @@ def prune_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     kinds = Counter("removed" if v is None else "renamed" for v in rename.values())
-    logger.info("surgery: %d tensors renamed, %d dropped, %.1f MB written", kinds["renamed"], kinds["removed"], written / 1e6)
+    logger.info(
+        "surgery: %d tensors renamed, %d dropped, %.1f MB written",
+        kinds["renamed"],
+        kinds["removed"],
+        written / 1e6,
+    )
     return notes
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files, chat template, generation_config, licences: everything that is not weights or config."""
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.suffix not in (".safetensors", *OTHER_WEIGHTS) and p.name not in (
-            "config.json", WEIGHTS_INDEX, "README.md", PLAN_FILE,
+        if (
+            p.is_file()
+            and p.suffix not in (".safetensors", *OTHER_WEIGHTS)
+            and p.name
+            not in (
+                "config.json",
+                WEIGHTS_INDEX,
+                "README.md",
+                PLAN_FILE,
+            )
         ):
             shutil.copy2(p, dst / p.name)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tiny_llama
 from typer.testing import CliRunner
 
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.errors import UnsupportedArchitectureError
 from shortgpt_deploy.modeling import resolve_checkpoint
-from tiny import tiny_llama
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]
@@ -120,8 +120,18 @@ def test_empty_calibration_text(tmp_path, ckpt):
 
 def test_too_short_calibration_text(tmp_path, ckpt):
     (tmp_path / "short.txt").write_text("she was not the one " * 10)
-    code, output = run("score", ckpt, "--calibration", tmp_path / "short.txt", "--samples", "8", "--seq-len", "32",
-                       "--out", tmp_path / "s.json")
+    code, output = run(
+        "score",
+        ckpt,
+        "--calibration",
+        tmp_path / "short.txt",
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--out",
+        tmp_path / "s.json",
+    )
     assert code == 2 and "calibration text too short" in output and "calibration.samples" in output
     assert not (tmp_path / "s.json").exists()
 
@@ -151,11 +161,28 @@ def test_build_refuses_an_existing_run_folder(tmp_path, ckpt):
 
 def test_hub_id_without_network(tmp_path):
     # A closed local port stands in for an unreachable hub; the message must say how to work offline.
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "shortgpt_deploy", "prune", "some-org/some-model", "--out", str(tmp_path / "o"),
-         "--layers", "1"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "shortgpt_deploy",
+            "prune",
+            "some-org/some-model",
+            "--out",
+            str(tmp_path / "o"),
+            "--layers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "could not download 'some-org/some-model'" in proc.stderr

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import pytest
 
-from shortgpt_deploy.corpora import data_dir, AUSTEN_TITLES, austen_novels, read_lazyload_db, unserialize
+from shortgpt_deploy.corpora import AUSTEN_TITLES, austen_novels, data_dir, read_lazyload_db, unserialize
 
 # Serialization building blocks, following R Internals "Serialization formats".
 SYMSXP, LISTSXP, CHARSXP, LGLSXP, INTSXP, REALSXP, STRSXP, VECSXP = 1, 2, 9, 10, 13, 14, 16, 19

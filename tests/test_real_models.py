@@ -44,7 +44,11 @@ def prune_and_compare(spec: str, n_remove: int, tmp_path):
     assert pruned.config.num_hidden_layers == n - n_remove
     assert (got - expected).abs().max().item() <= 1e-5
     assert (full - expected).abs().max().item() > 1e-3  # the removal did change the model
-    return plan, json.loads((ckpt.path / "config.json").read_text()), json.loads((tmp_path / "pruned/config.json").read_text())
+    return (
+        plan,
+        json.loads((ckpt.path / "config.json").read_text()),
+        json.loads((tmp_path / "pruned/config.json").read_text()),
+    )
 
 
 def test_smollm2_offline_default(tmp_path):

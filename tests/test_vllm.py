@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama
 
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.surgery import prune_checkpoint
-from tiny import tiny_llama
 
 pytestmark = pytest.mark.vllm
 
@@ -30,14 +30,24 @@ def test_vllm_greedy_tokens_equal_transformers(tmp_path):
     expected = []
     for p in prompts:
         ids = torch.tensor([p])
-        gen = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
-        expected.append(gen[0, len(p):].tolist())
+        gen = model.generate(
+            ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+        expected.append(gen[0, len(p) :].tolist())
 
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("vllm_greedy.py")), str(out), json.dumps(prompts), str(n)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(Path(__file__).with_name("vllm_greedy.py")),
+            str(out),
+            json.dumps(prompts),
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GREEDY ")), None)
     assert line is not None, f"vLLM failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-    got = json.loads(line[len("GREEDY "):])
+    got = json.loads(line[len("GREEDY ") :])
     assert got == expected

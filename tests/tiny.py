@@ -31,8 +31,15 @@ def tiny_llama(folder: Path, *, num_layers: int = 6, seed: int = 0, hidden_size:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads // 2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads // 2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=3,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
