@@ -1,5 +1,6 @@
 """Bad input: one clear error (exit code 2), naming the problem and the fix, and nothing left behind."""
 
+import json
 import os
 import subprocess
 import sys
@@ -188,3 +189,57 @@ def test_hub_id_without_network(tmp_path):
     assert "could not download 'some-org/some-model'" in proc.stderr
     assert "local folder" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_score_then_prune_by_scores(tmp_path, ckpt):
+    recipe_file(tmp_path, ckpt)  # writes text.txt
+    code, output = run(
+        "score",
+        ckpt,
+        "--calibration",
+        tmp_path / "text.txt",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        tmp_path / "scores.json",
+        "--no-progress",
+    )
+    assert code == 0, output
+    data = json.loads((tmp_path / "scores.json").read_text())
+    assert data["metric"] == "bi" and data["num_layers"] == 6 and len(data["scores"]) == 6
+    assert sorted(data["removal_order"]) == list(range(6))
+    assert data["calibration"]["num_tokens"] > 0 and data["calibration"]["seed"] == 0
+    expected = [i for i in data["removal_order"] if i not in (0, 5)][:2]
+
+    code, output = run(
+        "prune", ckpt, "--out", tmp_path / "out", "--scores", tmp_path / "scores.json", "--n-remove", "2", "--dry-run"
+    )
+    assert code == 0 and "dry run: nothing written" in output and not (tmp_path / "out").exists()
+    code, output = run(
+        "prune",
+        ckpt,
+        "--out",
+        tmp_path / "out",
+        "--scores",
+        tmp_path / "scores.json",
+        "--n-remove",
+        "2",
+        "--no-progress",
+    )
+    assert code == 0, output
+    plan = json.loads((tmp_path / "out" / "shortgpt_plan.json").read_text())
+    assert plan["remove"] == expected
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_n_remove_without_scores(tmp_path, ckpt):
+    code, output = run("prune", ckpt, "--out", tmp_path / "out", "--n-remove", "2")
+    assert code == 2 and "--scores" in output
+
+
+def test_build_dry_run_writes_plan_but_no_checkpoint(tmp_path, ckpt):
+    code, output = run("build", recipe_file(tmp_path, ckpt), "--dry-run", "--no-progress")
+    assert code == 0, output
+    assert (tmp_path / "run" / "plan.json").exists() and not (tmp_path / "run" / "pruned").exists()
