@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma demo test test-all bench-core lint clean
+.PHONY: install data install-gemma demo test test-all serve bench-core lint clean
 
 install: $(STAMP) $(DATA)
 
@@ -50,6 +50,13 @@ install-gemma: install
 
 demo: install
 	$(CLI) build $(RECIPE) --force
+
+# The pruned model of the most recent build, unless MODEL=dir is given.
+MODEL ?= $(shell ls -dt runs/*/pruned 2>/dev/null | head -n 1)
+PORT ?= 8000
+serve: install
+	@test -n "$(MODEL)" || { echo "error: no pruned model yet: run 'make demo' first, or 'make serve MODEL=dir'"; exit 2; }
+	$(CLI) serve $(MODEL) --port $(PORT)
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

@@ -3,12 +3,12 @@ iterative and angular variants do what they say."""
 
 import pytest
 import torch
+from tiny import tiny_llama
 
 from shortgpt_deploy.calibration import Batch, CalibrationSet
 from shortgpt_deploy.importance import block_influence, collect_stats, score_iteratively, score_layers
 from shortgpt_deploy.modeling import load_model
 from shortgpt_deploy.plan import make_plan
-from tiny import tiny_llama
 
 
 @pytest.fixture(scope="module")

