@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama
 
 from shortgpt_deploy.errors import ModelLoadError
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.serve import ServeError, ServeOptions, VLLMServer, server_env, vllm_argv
 from shortgpt_deploy.surgery import prune_checkpoint
-from tiny import tiny_llama
 
 
 def free_port() -> int:
