@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import PlanError
+from .files import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -241,7 +242,7 @@ class LayerScores:
     def save(self, path: Path) -> None:
         import json
 
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LayerScores:

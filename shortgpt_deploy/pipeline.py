@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .calibration import build_calibration, load_documents
-from .errors import OutputExistsError
+from .errors import OutputExistsError, PlanError
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
 from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
@@ -80,6 +80,10 @@ def score_model(
     model_spec: ModelSpec, calib: CalibrationSpec, *, metric: str, out: Path, progress: bool = True
 ) -> LayerScores:
     """`shortgpt-deploy score`: per-layer scores of a model, written to `out` (scores.json)."""
+    from .importance import METRICS
+
+    if metric not in METRICS:  # before minutes of model loading
+        raise PlanError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     manifest = Manifest()
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
     model, tokenizer = load_model(

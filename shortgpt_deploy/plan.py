@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
+from .files import atomic_write_text
 from .importance import LayerScores
 
 
@@ -34,7 +35,7 @@ class LayerPlan:
         return d
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LayerPlan:
