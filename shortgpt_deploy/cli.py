@@ -223,6 +223,44 @@ def build(
             out.print(f"  {result.run_dir / name}")
 
 
+@app.command("eval")
+@handles_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="A checkpoint folder (or any model spec `score` takes).")],
+    text: Annotated[str, typer.Option(help="Held-out text: austen:NOVEL or a file; never the calibration text.")] = (
+        "austen:persuasion"
+    ),
+    context_len: Annotated[int, typer.Option(help="Tokens of context per window.")] = 512,
+    stride: Annotated[int, typer.Option(help="Window step; each token is predicted once.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of the text to use.")] = 16384,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Perplexity on held-out prose (strided sliding window)."""
+    _setup_logging(verbose)
+    from .evaluate import evaluate_perplexity
+    from .modeling import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(model)
+    result = evaluate_perplexity(
+        ckpt.path,
+        text=text,
+        context_len=context_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        add_bos=ckpt.add_bos,
+        progress=not no_progress,
+    )
+    if as_json:
+        print(json.dumps({"model": model, **result.to_dict()}, indent=2))
+        return
+    out.print(
+        f"perplexity {result.perplexity:.3f} on {result.num_tokens} tokens of {text} "
+        f"(context {context_len}, stride {stride})"
+    )
+
+
 @app.command()
 @handles_errors
 def serve(
