@@ -258,7 +258,19 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
     return shards, None
 
 
-def _derived_layer_types(src: Path) -> list[str] | None:
+# Config keys from which transformers derives per-layer attention types when `layer_types` is absent.
+LAYER_TYPE_SOURCES = ("sliding_window", "use_sliding_window", "max_window_layers", *PATTERN_FIELDS)
+
+
+def _derived_layer_types(src: Path, config: dict[str, Any]) -> list[str] | None:
+    """layer_types as transformers computes them, where the file leaves them implicit.
+
+    Only asked of transformers when a sliding-window setting could make layers differ: importing it costs
+    seconds, more than the whole surgery on a small model.
+    """
+    cfg = text_config(config)
+    if "layer_types" in cfg or not any(cfg.get(k) is not None for k in LAYER_TYPE_SOURCES):
+        return None
     try:
         from transformers import AutoConfig
 
@@ -319,7 +331,7 @@ def prune_checkpoint(
             f"the plan is for {plan.num_layers_before} layers but {src}/config.json has "
             f"num_hidden_layers={text_config(config)['num_hidden_layers']}"
         )
-    notes = slice_config(config, plan.keep, _derived_layer_types(src))
+    notes = slice_config(config, plan.keep, _derived_layer_types(src, config))
     if "quantization_config" in config:
         config["quantization_config"] = remap_module_names(config["quantization_config"], prefix, plan)
         notes.append("quantization_config: layer module names renumbered")
