@@ -171,15 +171,15 @@ def convert_gguf(gguf_file: Path, *, add_bos: bool | None = None) -> Path:
     vLLM, safetensors streaming and our surgery all want a plain checkpoint, so the GGUF is converted once.
     Weights are kept in float32: the dequantized values are not all representable in 16 bits.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_file = gguf_file.resolve()
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "converted" / f"{gguf_file.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     logger.info("converting %s to safetensors (once) in %s", gguf_file.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)

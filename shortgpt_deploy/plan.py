@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
 from .files import atomic_write_text
-from .importance import LayerScores
+
+if TYPE_CHECKING:  # importance imports torch; planning and surgery do not need it
+    from .importance import LayerScores
 
 
 @dataclass(frozen=True)
