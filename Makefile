@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma demo test test-all serve bench-core lint clean
+.PHONY: install data install-gemma install-gptq demo test test-all serve bench-core lint clean
 
 install: $(STAMP) $(DATA)
 
@@ -42,6 +42,14 @@ $(DATA):
 	  cp -r root/usr/lib/R/site-library/janeaustenr $(CURDIR)/$(DATA_DIR)/ || \
 	  { echo "error: could not fetch Debian's r-cran-janeaustenr (needs apt-get and dpkg)"; exit 1; }
 	@test -f $@ && echo "installed Jane Austen's novels in $(DATA_DIR)/janeaustenr"
+
+# GPTQ after pruning (optional: it moves numpy to 2.2.x and builds pypcre, which needs a C compiler). Only the
+# gptq extra: naming cpu again would make pip bring back the torchvision builds removed above.
+GPTQ_STAMP := $(VENV)/.installed-gptq
+install-gptq: install $(GPTQ_STAMP)
+$(GPTQ_STAMP): pyproject.toml
+	$(PIP) install -q -e ".[gptq]"
+	@touch $@
 
 # Gemma-3-270m (optional second real model; Gemma Terms of Use apply: https://ai.google.dev/gemma/terms).
 install-gemma: install

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ShortGPTError
@@ -49,7 +50,7 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ShortGPTError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted; nothing was left half-written[/]")
@@ -221,6 +222,43 @@ def build(
     for name in ("scores.json", "plan.json", "bi.png", "manifest.json", "pruned/"):
         if (result.run_dir / name).exists():
             out.print(f"  {result.run_dir / name}")
+
+
+@app.command()
+@handles_errors
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="A float checkpoint folder, e.g. runs/NAME/pruned.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the quantized checkpoint.")],
+    scheme: Annotated[str, typer.Option(help="auto (what the target can serve), w4a16, w8a16.")] = "auto",
+    target: Annotated[str, typer.Option(help="Where it will be served: auto (this machine), cpu, gpu.")] = "auto",
+    calibration: Annotated[str, typer.Option(help="Calibration text, as for `score`.")] = "austen:emma",
+    samples: int = 128,
+    seq_len: int = 512,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """GPTQ-quantize a checkpoint (GPTQModel; `pip install 'shortgpt-deploy[gptq]'` or `make install-gptq`)."""
+    _setup_logging(verbose)
+    from .quantize import quantize_checkpoint
+    from .recipe import CalibrationSpec
+
+    calib = CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len)
+    result = quantize_checkpoint(
+        model_dir,
+        out_dir=out_dir,
+        scheme=scheme,
+        target=target,  # type: ignore[arg-type]
+        calibration=calib,
+        force=force,
+    )
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    out.print(
+        f"{result.scheme} ({result.bits}-bit, group {result.group_size}) for {result.target} in "
+        f"{result.duration_s:.0f} s → {out_dir}"
+    )
 
 
 @app.command("eval")

@@ -65,6 +65,14 @@ def cpu_dtype() -> str:
     return "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
 
 
+def _is_gptq(model_dir: Path) -> bool:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("quantization_config", {}).get("quant_method") == "gptq"
+
+
 def default_cores() -> str:
     # vLLM's CPU backend binds one core unless told otherwise.
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
@@ -72,7 +80,10 @@ def default_cores() -> str:
 
 def vllm_argv(opts: ServeOptions) -> list[str]:
     gpu = on_gpu()
-    dtype = opts.dtype if opts.dtype != "auto" else ("auto" if gpu else cpu_dtype())
+    dtype = opts.dtype
+    if dtype == "auto" and not gpu:
+        # vLLM refuses float32 for GPTQ checkpoints; their activations run in bf16 on the CPU.
+        dtype = "bfloat16" if _is_gptq(opts.model_dir) else cpu_dtype()
     argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", str(opts.model_dir)]
     argv += [
         "--host",
@@ -111,6 +122,8 @@ def check_model_dir(model_dir: Path) -> None:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As a server binds: a port left in TIME_WAIT by a server we just stopped is free to reuse.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as err:

@@ -243,7 +243,7 @@ def remap_module_names(obj: Any, prefix: str, plan: LayerPlan) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- the whole
-def _weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
+def weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
     index_path = src / WEIGHTS_INDEX
     if index_path.is_file():
         index = json.loads(index_path.read_text())
@@ -323,7 +323,7 @@ def prune_checkpoint(
     if not config_path.is_file():
         raise ModelLoadError(f"{src} is not a model folder (no config.json)")
     config = json.loads(config_path.read_text())
-    shards, index = _weight_files(src)
+    shards, index = weight_files(src)
     names = [n for s in shards for n in read_safetensors_header(s)[0] if n != "__metadata__"]
     prefix = detect_layer_prefix(names, text_config(config)["num_hidden_layers"])
     if text_config(config)["num_hidden_layers"] != plan.num_layers_before:
@@ -358,7 +358,7 @@ def prune_checkpoint(
                 json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
             )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_side_files(src, tmp)
+        copy_side_files(src, tmp)
         (tmp / "README.md").write_text(model_card(plan, base_model or str(src), notes, recipe_text))
         plan.save(tmp / PLAN_FILE)
         commit_output(tmp, Path(out_dir))
@@ -375,7 +375,7 @@ def prune_checkpoint(
     return notes
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files, chat template, generation_config, licences: everything that is not weights or config."""
     for p in sorted(src.iterdir()):
         if (

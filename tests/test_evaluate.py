@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_llama
 
 from shortgpt_deploy.evaluate import EvalError, perplexity
 from shortgpt_deploy.modeling import load_model
-from tiny import tiny_llama
 
 
 @pytest.fixture(scope="module")
