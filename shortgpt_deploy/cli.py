@@ -70,6 +70,7 @@ def _ints(text: str | None, what: str) -> list[int] | None:
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
 
 
 @app.command()
@@ -183,7 +184,7 @@ def build(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Score and plan, but write no checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    as_json: AsJson = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -235,7 +236,7 @@ def quantize(
     samples: int = 128,
     seq_len: int = 512,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    as_json: AsJson = False,
     verbose: Verbose = False,
 ) -> None:
     """GPTQ-quantize a checkpoint (GPTQModel; `pip install 'shortgpt-deploy[gptq]'` or `make install-gptq`)."""
@@ -271,7 +272,7 @@ def evaluate(
     context_len: Annotated[int, typer.Option(help="Tokens of context per window.")] = 512,
     stride: Annotated[int, typer.Option(help="Window step; each token is predicted once.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Tokens of the text to use.")] = 16384,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    as_json: AsJson = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
