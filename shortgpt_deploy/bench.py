@@ -10,6 +10,7 @@ run, rewritten after each), `summary.json`, and `logs/` (server and client outpu
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -200,6 +201,7 @@ class RunRecord:
     status: str = "pending"  # ok | requests_failed | failed | timeout | server_died | server_failed | skipped
     result_file: str | None = None
     duration_s: float | None = None
+    load_1min: float | None = None  # at the end of the run: high values flag a machine shared with other work
     message: str = ""
 
 
@@ -239,13 +241,9 @@ def serving(variant: Variant, log_path: Path) -> Iterator[Target]:
     cfg = text_config(json.loads((variant.model_dir / "config.json").read_text()))
     max_len = min(2048, cfg.get("max_position_embeddings", 2048))
     opts = ServeOptions(variant.model_dir, port=free_port(), served_model_name=variant.name, max_model_len=max_len)
-    server = VLLMServer(opts, log_path)
-    try:
-        with server:
-            yield Target(opts.url, variant.name, server.alive)
-    finally:  # VLLMServer.stop() does nothing once the API server has exited: reap what is left of its group
-        with contextlib.suppress(ProcessLookupError, PermissionError, AttributeError):
-            os.killpg(server.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    # VLLMServer.stop() also stops the engine and workers of an API server that already died.
+    with VLLMServer(opts, log_path) as server:
+        yield Target(opts.url, variant.name, server.alive)
 
 
 def _reachable(variant: Variant) -> bool:
@@ -283,7 +281,7 @@ def run_one(plan: Plan, rec: RunRecord, target: Target, level: Level) -> None:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    rec.duration_s = round(time.monotonic() - start, 2)
+    rec.duration_s, rec.load_1min = round(time.monotonic() - start, 2), round(os.getloadavg()[0], 2)
     if rc == 0 and result.is_file():
         failed = json.loads(result.read_text()).get("failed", 0)
         rec.result_file, rec.status = result.name, "requests_failed" if failed else "ok"
@@ -341,15 +339,29 @@ def run_benchmark(
     load_at_start, reps = os.getloadavg()[0], range(1, workload.repeats + 1)
     plan.records = [RunRecord(r, v.name, lv.label) for r in reps for v in variants for lv in workload.levels]
     broken: set[str] = set()  # a server that would not start is not tried again
-    for repeat in reps:
-        for v in variants:
-            if v.name not in broken and not run_variant(plan, v, repeat):
-                broken.add(v.name)
-            for rec in plan.records:
-                if rec.variant == v.name and rec.repeat == repeat and rec.status == "pending":
-                    rec.status, rec.message = "skipped", "its server failed to start earlier"
-            plan.save()
-    return finish(plan, variants, load_1min=(load_at_start, os.getloadavg()[0]))
+    with _locked(plan.bench_dir):
+        for repeat in reps:
+            for v in variants:
+                if v.name not in broken and not run_variant(plan, v, repeat):
+                    broken.add(v.name)
+                for rec in plan.records:
+                    if rec.variant == v.name and rec.repeat == repeat and rec.status == "pending":
+                        rec.status, rec.message = "skipped", "its server failed to start earlier"
+                plan.save()
+        return finish(plan, variants, load_1min=(load_at_start, os.getloadavg()[0]))
+
+
+@contextlib.contextmanager
+def _locked(bench_dir: Path) -> Iterator[None]:
+    """One benchmark per folder: a second one would overwrite its logs and results (the lock dies with us)."""
+    with (bench_dir / ".lock").open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BenchError(
+                f"another benchmark is writing to {bench_dir}: wait for it, or give another --out"
+            ) from None
+        yield
 
 
 def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:

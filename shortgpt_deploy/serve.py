@@ -164,6 +164,7 @@ class VLLMServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()  # the engine or workers it forked may still be running
                 raise ServeError(
                     f"vLLM exited with code {self.proc.returncode} while starting {self.opts.model_dir}; "
                     f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
@@ -189,16 +190,18 @@ class VLLMServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the whole process group, then SIGKILL if it has not exited in `timeout_s`."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the whole process group, SIGKILL after `timeout_s`; also when the API server already exited,
+        since its engine and worker processes may not have."""
+        if self.proc is None:
             return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait()
+        pgid = self.proc.pid  # start_new_session: the server leads its own process group
+        if self.proc.poll() is None:
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait()  # reap it, or the group never looks empty
         _kill_group(pgid)  # engine and workers that outlived the API server
         logger.info("vLLM stopped")
 

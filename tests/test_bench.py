@@ -342,3 +342,13 @@ def test_client_command_line(tmp_path):
     joined = " ".join(bench.bench_argv(plan, target, Level(request_rate_per_s=0.5), "x.json"))
     assert f"--dataset-name custom --dataset-path {prompts} --skip-chat-template --custom-output-len 64" in joined
     assert "--request-rate 0.5" in joined and "--goodput" not in joined
+
+
+def test_one_benchmark_per_folder(tmp_path, fake):
+    import fcntl
+
+    (tmp_path / "bench").mkdir()
+    with (tmp_path / "bench" / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a benchmark still running would
+        with pytest.raises(BenchError, match="another benchmark is writing to .*give another --out"):
+            run_benchmark([Variant("a", endpoint=fake.url)], Workload(), out_dir=tmp_path, tokenizer=tmp_path)

@@ -64,6 +64,8 @@ def test_server_that_dies_while_starting_reports_its_log(tmp_path):
         server.start()
     assert "last lines of" in str(err.value)
     assert not server.alive()
+    with pytest.raises(ProcessLookupError):  # nothing of its process group is left, engine included
+        os.killpg(server.proc.pid, 0)
 
 
 def completion(url: str, model: str, prompt: list[int], n: int) -> list[int]:
