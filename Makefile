@@ -84,7 +84,7 @@ clean:
 # Serving benchmark: dense (the source checkpoint of the last build, from the manifest next to its pruned/) vs
 # pruned, each served by vLLM in turn and driven by vLLM's `bench serve`; appends a section to BENCHMARKS.md.
 # About 8 minutes on 2 CPU cores. Override DENSE=dir, PRUNED=dir, BENCH_ARGS="...".
-PRUNED ?= $(shell ls -dt runs/*/pruned 2>/dev/null | head -n 1)
+PRUNED ?= $(MODEL)
 PRUNED_MANIFEST = $(dir $(patsubst %/,%,$(PRUNED)))manifest.json
 DENSE ?= $(shell test -f "$(PRUNED_MANIFEST)" && $(PY) -c \
   'import json, sys; print(json.load(open(sys.argv[1]))["inputs"]["checkpoint"]["path"])' "$(PRUNED_MANIFEST)")
