@@ -31,7 +31,7 @@ from typing import Any
 from .errors import ShortGPTError
 from .manifest import git_revision, machine, package_versions
 from .serve import ServeError, ServeOptions, VLLMServer, log_tail
-from .surgery import detect_layer_prefix, read_config_layers, read_safetensors_header, text_config
+from .surgery import read_config_layers, read_layer_tensors, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,13 @@ def flops_per_token(model_dir: Path) -> int:
     """
     config = json.loads((Path(model_dir) / "config.json").read_text())
     bits = (config.get("quantization_config") or {}).get("bits", 4)
-    sizes: dict[str, int] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        for name, meta in read_safetensors_header(path)[0].items():
-            if name != "__metadata__" and not name.endswith(("qzeros", "scales", "g_idx")):
-                sizes[name] = math.prod(meta["shape"]) * (32 // bits if name.endswith("qweight") else 1)
-    prefix = detect_layer_prefix(list(sizes), read_config_layers(model_dir))
+    headers, prefix = read_layer_tensors(Path(model_dir), read_config_layers(model_dir))
+    sizes = {
+        name: math.prod(meta["shape"]) * (32 // bits if name.endswith("qweight") else 1)
+        for header in headers.values()
+        for name, meta in header.items()
+        if not name.endswith(("qzeros", "scales", "g_idx"))
+    }
     head = [n for name, n in sizes.items() if name.startswith("lm_head.")]
     if not head or text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
         head = [n for name, n in sizes.items() if re.search(r"embed_tokens\.q?weight$", name)]

@@ -37,11 +37,9 @@ from .surgery import (
     WEIGHTS_INDEX,
     commit_output,
     copy_side_files,
-    detect_layer_prefix,
     prepare_output,
-    read_safetensors_header,
-    text_config,
-    weight_files,
+    read_config_layers,
+    read_layer_tensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -193,16 +191,12 @@ def layer_linear_shapes(src: Path) -> dict[str, tuple[int, int]]:
 
     These are the tensors GPTQModel quantizes (norms are 1-D; embeddings and the LM head sit outside the layers).
     """
-    config = json.loads((src / "config.json").read_text())
-    shards, _ = weight_files(src)
-    headers = [read_safetensors_header(s)[0] for s in shards]
-    names = [n for h in headers for n in h if n != "__metadata__"]
-    prefix = detect_layer_prefix(names, text_config(config)["num_hidden_layers"])
+    headers, prefix = read_layer_tensors(src, read_config_layers(src))
     pattern = re.compile(re.escape(prefix) + r"\d+\.")
     shapes = {}
-    for header in headers:
+    for header in headers.values():
         for name, info in header.items():
-            if name != "__metadata__" and pattern.match(name) and name.endswith(".weight") and len(info["shape"]) == 2:
+            if pattern.match(name) and name.endswith(".weight") and len(info["shape"]) == 2:
                 out_features, in_features = info["shape"]
                 shapes[name] = (int(in_features), int(out_features))
     return shapes

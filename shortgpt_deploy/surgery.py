@@ -258,6 +258,17 @@ def weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
     return shards, None
 
 
+def read_layer_tensors(src: Path, num_layers: int) -> tuple[dict[Path, dict[str, Any]], str]:
+    """Every shard's tensor entries (name → dtype, shape, offsets; metadata dropped) and the decoder-layer prefix.
+
+    Surgery, quantization and FLOP counting all need both; the headers are read once, without loading tensors.
+    """
+    shards, _ = weight_files(src)
+    headers = {s: {n: v for n, v in read_safetensors_header(s)[0].items() if n != "__metadata__"} for s in shards}
+    prefix = detect_layer_prefix([n for h in headers.values() for n in h], num_layers)
+    return headers, prefix
+
+
 # Config keys from which transformers derives per-layer attention types when `layer_types` is absent.
 LAYER_TYPE_SOURCES = ("sliding_window", "use_sliding_window", "max_window_layers", *PATTERN_FIELDS)
 
@@ -323,9 +334,9 @@ def prune_checkpoint(
     if not config_path.is_file():
         raise ModelLoadError(f"{src} is not a model folder (no config.json)")
     config = json.loads(config_path.read_text())
-    shards, index = weight_files(src)
-    names = [n for s in shards for n in read_safetensors_header(s)[0] if n != "__metadata__"]
-    prefix = detect_layer_prefix(names, text_config(config)["num_hidden_layers"])
+    _, index = weight_files(src)
+    headers, prefix = read_layer_tensors(src, text_config(config)["num_hidden_layers"])
+    names = [n for h in headers.values() for n in h]
     if text_config(config)["num_hidden_layers"] != plan.num_layers_before:
         raise PlanError(
             f"the plan is for {plan.num_layers_before} layers but {src}/config.json has "
@@ -339,12 +350,12 @@ def prune_checkpoint(
 
     tmp = prepare_output(Path(out_dir), force=force)
     try:
-        total = sum(s.stat().st_size for s in shards)
+        total = sum(s.stat().st_size for s in headers)
         weight_map: dict[str, str] = {}
         written = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc="surgery", disable=not progress) as bar:
-            for shard in shards:
-                kept = [rename.get(n, n) for n in read_safetensors_header(shard)[0] if n != "__metadata__"]
+            for shard, header in headers.items():
+                kept = [rename.get(n, n) for n in header]
                 if not any(k is not None for k in kept):
                     bar.update(shard.stat().st_size)
                     continue  # a shard holding only removed layers disappears
