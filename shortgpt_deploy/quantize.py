@@ -227,7 +227,7 @@ def check_cpu_shapes(shapes: dict[str, tuple[int, int]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def _import_gptqmodel() -> Any:
+def import_gptqmodel() -> Any:
     # GPTQModel sizes its CPU thread pool from this at first use. Its default, half of os.cpu_count(), is 1 on a
     # 2-core machine, and 7.6.0 then fails at the first quantize() ("Virtual pool 'model_loader:cpu' requests 2
     # workers but parent 'cpu' only has 1"): so at least 2, and every core we may use.
@@ -286,7 +286,7 @@ def quantize_checkpoint(
     tmp = prepare_output(out_dir, force=force)
     try:
         chosen, where = choose_scheme(scheme, target=target)
-        gptqmodel = _import_gptqmodel()
+        gptqmodel = import_gptqmodel()
         shapes = layer_linear_shapes(src)
         if where == "cpu":
             check_cpu_shapes(shapes)

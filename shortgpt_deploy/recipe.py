@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -112,13 +112,133 @@ class OutputSpec(_Section):
     dir: Path = Field(description="Run folder; relative paths are relative to the current directory.")
 
 
+# The checkpoints a build can produce, by the names used in run folders, eval.json and the benchmark.
+SOURCE_VARIANTS = ("dense", "pruned")  # the float checkpoints: the recipe's model, and it pruned
+QUANTIZED_SUFFIX = "-gptq"
+VARIANTS = (*SOURCE_VARIANTS, *(v + QUANTIZED_SUFFIX for v in SOURCE_VARIANTS))
+VariantName = Literal["dense", "pruned", "dense-gptq", "pruned-gptq"]
+
+
+class QuantizeSpec(_Section):
+    """GPTQ after pruning; calibrated on the recipe's calibration text (longer and more blocks than scoring)."""
+
+    scheme: str = Field(default="auto", description="auto (what the serving target can run), w4a16 or w8a16.")
+    target: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="Where it will be served.")
+    variants: list[Literal["dense", "pruned"]] = Field(
+        default_factory=lambda: ["dense", "pruned"],
+        description="Checkpoints to quantize; both give the paper's Table 2 shape (the savings add up).",
+    )
+    samples: int = Field(default=128, ge=1)
+    seq_len: int = Field(default=512, ge=8)
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        from .quantize import SchemeError, parse_scheme  # no heavy imports; the names live there
+
+        try:
+            return parse_scheme(value)
+        except SchemeError as err:
+            raise ValueError(str(err)) from None
+
+
+class EvalSpec(_Section):
+    """Quality of every variant: perplexity on held-out text, and greedy agreement with the unquantized model."""
+
+    text: str = Field(default="austen:persuasion", description="Held-out text: austen:NOVEL or a file.")
+    context_len: int = Field(default=512, ge=8)
+    stride: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=16384, ge=16)
+    greedy_prompts: int = Field(default=8, ge=0, description="Prompts (spans of the held-out text) for agreement.")
+    greedy_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt.")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> EvalSpec:
+        if self.stride > self.context_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed context_len ({self.context_len})")
+        return self
+
+
+class ServeSpec(_Section):
+    """vLLM settings for serving the variants (the benchmark starts each one with them)."""
+
+    preset: str | None = Field(default=None, description="A file in serving/ (cpu, gpu, ...) or a YAML path.")
+    dtype: str | None = Field(default=None, description="auto: float32 on CPUs without bf16 math, else bfloat16.")
+    max_model_len: int | None = Field(default=None, ge=16)
+    kv_cache_gib: int | None = Field(default=None, ge=1, description="CPU: GiB of RAM for the KV cache.")
+    cpu_cores: str | None = Field(default=None, description="CPU: cores for vLLM's threads, e.g. 0-1.")
+    tensor_parallel_size: int | None = Field(default=None, ge=1, description="GPU: shard each layer over N GPUs.")
+    pipeline_parallel_size: int | None = Field(default=None, ge=1, description="GPU: split the layers over N GPUs.")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, verbatim.")
+
+
+class BenchSpec(_Section):
+    """`vllm bench serve` against each variant, one server at a time, repeats interleaved."""
+
+    variants: list[VariantName] = Field(
+        default_factory=lambda: ["dense", "pruned", "pruned-gptq"], description="The first is the baseline."
+    )
+    input_len: int = Field(default=128, ge=1)
+    output_len: int = Field(default=64, ge=1)
+    num_prompts: int = Field(default=16, ge=1)
+    dataset: Path | None = Field(default=None, description="JSONL prompts ({'prompt': ...}) instead of random.")
+    concurrency: list[int] | None = Field(default=None, description="Max-concurrency levels (default [1, 4]).")
+    request_rates_per_s: list[float] | None = Field(default=None, description="Poisson request rates instead.")
+    repeats: int = Field(default=2, ge=1)
+    warmups: int = Field(default=2, ge=0)
+    seed: int = 0
+    slos: list[str] = Field(default_factory=list, description="Goodput SLOs, e.g. ttft:500 (ms).")
+    timeout_s: float = Field(default=900.0, gt=0, description="Limit per vLLM client run.")
+
+    @field_validator("slos")
+    @classmethod
+    def _slos_parse(cls, value: list[str]) -> list[str]:
+        from .bench import BenchError, parse_slo
+
+        try:
+            return [str(parse_slo(s)) for s in value]
+        except BenchError as err:
+            raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _levels(self) -> BenchSpec:
+        if self.concurrency is not None and self.request_rates_per_s is not None:
+            raise ValueError("give load levels as concurrency or as request_rates_per_s, not both")
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError("list at least one variant, each once")
+        return self
+
+
 class Recipe(_Section):
     name: str | None = None
     description: str | None = None
     model: ModelSpec
     calibration: CalibrationSpec
     prune: PruneSpec
+    quantize: QuantizeSpec | None = None
+    eval: EvalSpec | None = None
+    serve: ServeSpec | None = None
+    bench: BenchSpec | None = None
     output: OutputSpec
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> Recipe:
+        quantized = {v + QUANTIZED_SUFFIX for v in (self.quantize.variants if self.quantize else [])}
+        missing = [v for v in (self.bench.variants if self.bench else []) if v.endswith(QUANTIZED_SUFFIX)]
+        missing = [v for v in missing if v not in quantized]
+        if missing:
+            raise ValueError(
+                f"bench variant(s) {', '.join(missing)} need a quantize section that quantizes "
+                f"{', '.join(v.removesuffix(QUANTIZED_SUFFIX) for v in missing)}"
+            )
+        if self.eval is not None and self.calibration.offline is not None:
+            if self.eval.text.removeprefix("offline:") == self.calibration.offline.removeprefix("offline:"):
+                raise ValueError(
+                    f"eval.text {self.eval.text} is the calibration text; evaluate on held-out text, e.g. "
+                    "austen:persuasion"
+                )
+        return self
 
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
@@ -129,7 +249,7 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
             allowed = ", ".join(_allowed_fields(model, e["loc"][:-1]))
             lines.append(f"  {where}: unknown field (allowed here: {allowed})")
         else:
-            lines.append(f"  {where}: {e['msg']}")
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Perplexity: every token predicted once, with the stated context."""
+"""Perplexity: every token predicted once, with the stated context. Greedy agreement, counted by hand."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import tiny_llama
 
-from shortgpt_deploy.evaluate import EvalError, perplexity
+from shortgpt_deploy.evaluate import EvalError, agreement, greedy_continuations, perplexity, prompt_spans
 from shortgpt_deploy.modeling import load_model
 
 
@@ -49,3 +49,33 @@ def test_strided_windows_predict_each_token_once_with_limited_context(model):
 def test_bad_stride(model):
     with pytest.raises(EvalError, match="stride"):
         perplexity(model, [4, 5, 6], context_len=8, stride=16)
+
+
+def test_greedy_with_the_cache_equals_argmax_over_the_whole_sequence(model):
+    prompt = [5, 9, 13, 7]
+    (got,) = greedy_continuations(model, [prompt], new_tokens=6)
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(6):  # no cache: the full sequence every step
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[len(prompt) :] and len(got) == 6
+
+
+def test_agreement_counts_positions_and_prefixes():
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    got = [[1, 2, 9, 4], [5, 6, 7, 8]]
+    a = agreement("q", "f", got, ref)
+    assert a.token_match == pytest.approx(7 / 8)
+    assert a.mean_prefix_tokens == pytest.approx((2 + 4) / 2)
+    assert a.identical_outputs == 1 and a.prompts == 2 and a.new_tokens == 4
+    with pytest.raises(EvalError):
+        agreement("q", "f", got[:1], ref)
+
+
+def test_prompt_spans_are_spread_and_keep_bos():
+    ids = [1, *range(100, 200)]
+    spans = prompt_spans(ids, n_prompts=3, prompt_len=10, bos=1)
+    assert [s[0] for s in spans] == [1, 1, 1]
+    assert [s[1] for s in spans] == [100, 130, 160] and all(len(s) == 11 for s in spans)
+    with pytest.raises(EvalError, match="at least 10"):
+        prompt_spans(list(range(5)), n_prompts=2, prompt_len=10)

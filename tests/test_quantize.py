@@ -127,7 +127,7 @@ def test_existing_output_is_refused_before_any_work(tiny, tmp_path, monkeypatch)
 
 def test_unservable_scheme_fails_before_the_gptq_import(tiny, tmp_path, monkeypatch):
     machine(monkeypatch, int4_kernel=False)
-    monkeypatch.setattr(quantize, "_import_gptqmodel", lambda: pytest.fail("imported GPTQModel"))
+    monkeypatch.setattr(quantize, "import_gptqmodel", lambda: pytest.fail("imported GPTQModel"))
     with pytest.raises(UnservableSchemeError):
         quantize_checkpoint(tiny, out_dir=tmp_path / "q", scheme="w4a16")
     assert not (tmp_path / "q").exists()

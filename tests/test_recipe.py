@@ -116,3 +116,55 @@ def test_calibration_spec_from_cli():
     assert CalibrationSpec.from_cli("austen:emma").offline == "austen:emma"
     assert CalibrationSpec.from_cli("hf:pg19").dataset.name == "pg19"
     assert CalibrationSpec.from_cli("some/file.txt").files == [Path("some/file.txt")]
+
+
+# ---------------------------------------------------------------------- quantize / eval / serve / bench
+def with_stages(**sections) -> dict:
+    data = base()
+    for key in ("quantize", "eval", "serve", "bench"):
+        data.pop(key, None)
+    return data | sections
+
+
+def test_stage_sections_are_optional_and_typed():
+    recipe = parse_recipe(with_stages())
+    assert recipe.quantize is None and recipe.bench is None
+    recipe = parse_recipe(with_stages(quantize={"scheme": "W4A16", "samples": 8}, bench={"slos": ["ttft: 500"]}))
+    assert recipe.quantize.scheme == "w4a16" and recipe.quantize.variants == ["dense", "pruned"]
+    assert recipe.bench.slos == ["ttft:500"]
+
+
+def test_unknown_scheme_lists_the_known_ones():
+    with pytest.raises(RecipeError, match=r"quantize\.scheme: unknown quantization scheme 'int3'.*auto, w4a16"):
+        parse_recipe(with_stages(quantize={"scheme": "int3"}))
+
+
+def test_w8a8_says_why_it_is_not_produced():
+    with pytest.raises(RecipeError, match="compressed-tensors"):
+        parse_recipe(with_stages(quantize={"scheme": "w8a8"}))
+
+
+def test_bad_slo_in_a_recipe():
+    with pytest.raises(RecipeError, match=r"bench\.slos: bad SLO 'ttft=5'"):
+        parse_recipe(with_stages(bench={"slos": ["ttft=5"]}))
+
+
+def test_benching_a_quantized_variant_needs_it_quantized():
+    with pytest.raises(RecipeError, match="pruned-gptq need a quantize section"):
+        parse_recipe(with_stages(bench={"variants": ["dense", "pruned-gptq"]}))
+    with pytest.raises(RecipeError, match="dense-gptq need a quantize section that quantizes dense"):
+        parse_recipe(with_stages(quantize={"variants": ["pruned"]}, bench={"variants": ["dense", "dense-gptq"]}))
+
+
+def test_unknown_bench_variant_and_typo_in_a_stage():
+    with pytest.raises(RecipeError, match=r"bench\.variants\.1"):
+        parse_recipe(with_stages(bench={"variants": ["dense", "prunned"]}))
+    with pytest.raises(RecipeError, match=r"serve\.kv_cache_gb: unknown field \(allowed here: preset, dtype"):
+        parse_recipe(with_stages(serve={"kv_cache_gb": 4}))
+
+
+def test_eval_text_must_be_held_out():
+    with pytest.raises(RecipeError, match="eval.text austen:emma is the calibration text"):
+        parse_recipe(with_stages(eval={"text": "austen:emma"}))
+    with pytest.raises(RecipeError, match="stride"):
+        parse_recipe(with_stages(eval={"context_len": 64, "stride": 128}))

