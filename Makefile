@@ -84,16 +84,18 @@ clean:
 	rm -rf runs .pytest_cache
 
 # Serving benchmark: dense (the source checkpoint of the last build, from the manifest next to its pruned/) vs
-# pruned, each served by vLLM in turn and driven by vLLM's `bench serve`; appends a section to BENCHMARKS.md.
-# About 8 minutes on 2 CPU cores. Override DENSE=dir, PRUNED=dir, BENCH_ARGS="...".
+# pruned vs pruned-gptq (when the build made it), each served by vLLM in turn and driven by vLLM's `bench serve`;
+# appends a section to BENCHMARKS.md. About 8 minutes on 2 CPU cores. Override DENSE=dir, PRUNED=dir, QUANT=dir
+# (QUANT= to leave it out), BENCH_ARGS="...".
 PRUNED ?= $(MODEL)
 PRUNED_MANIFEST = $(dir $(patsubst %/,%,$(PRUNED)))manifest.json
 DENSE ?= $(shell test -f "$(PRUNED_MANIFEST)" && $(PY) -c \
   'import json, sys; print(json.load(open(sys.argv[1]))["inputs"]["checkpoint"]["path"])' "$(PRUNED_MANIFEST)")
+QUANT ?= $(wildcard $(dir $(patsubst %/,%,$(PRUNED)))pruned-gptq)
 BENCH_ARGS ?= --input-len 128 --output-len 64 --num-prompts 16 --concurrency 1,4 --repeats 2 --warmups 2
 .PHONY: bench-serve
 bench-serve: install
 	@test -n "$(PRUNED)" || { echo "error: no pruned model yet: run 'make demo' first, or give PRUNED=dir"; exit 2; }
 	@test -n "$(DENSE)" || { echo "error: no manifest.json next to $(PRUNED) to find its dense source: give DENSE=dir"; exit 2; }
-	$(CLI) bench --variant dense=$(DENSE) --variant pruned=$(PRUNED) --out runs/bench-serve $(BENCH_ARGS) \
-	  --append-markdown BENCHMARKS.md
+	$(CLI) bench --variant dense=$(DENSE) --variant pruned=$(PRUNED) $(if $(QUANT),--variant pruned-gptq=$(QUANT)) \
+	  --out runs/bench-serve $(BENCH_ARGS) --append-markdown BENCHMARKS.md

@@ -330,34 +330,36 @@ def serve(
     port: int = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     api_key: Annotated[str | None, typer.Option(help="Require this bearer token.")] = None,
-    max_model_len: Annotated[int, typer.Option(help="Longest prompt + completion, in tokens.")] = 2048,
-    dtype: Annotated[str, typer.Option(help="auto: float32 on CPUs without bf16 math, else bfloat16.")] = "auto",
-    kv_cache_gib: Annotated[int, typer.Option(help="CPU: GiB of RAM for the KV cache.")] = 2,
+    preset: Annotated[
+        str | None, typer.Option(help="serving/NAME.yaml (cpu, gpu, gpu-tp2) or a YAML path; default: cpu or gpu.")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Longest prompt + completion, in tokens.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto: float32 on CPUs without bf16 math, else bfloat16.")] = None,
+    kv_cache_gib: Annotated[int | None, typer.Option(help="CPU: GiB of RAM for the KV cache.")] = None,
     cpu_cores: Annotated[str | None, typer.Option(help="CPU: cores for vLLM's threads, e.g. 0-1.")] = None,
     log: Annotated[Path, typer.Option(help="Server log file.")] = Path("runs/serve.log"),
     verbose: Verbose = False,
 ) -> None:
-    """Serve a checkpoint with vLLM's OpenAI-compatible API until Ctrl-C."""
-    _setup_logging(verbose)
-    from .serve import ServeOptions, VLLMServer, curl_example
+    """Serve a checkpoint with vLLM's OpenAI-compatible API until Ctrl-C.
 
-    opts = ServeOptions(
-        model_dir=model_dir,
-        host=host,
-        port=port,
+    Settings come from the preset (its defaults, then its entry for the folder's name: pruned, pruned-gptq, ...),
+    then from the options given here.
+    """
+    _setup_logging(verbose)
+    import time
+
+    from .serve import VLLMServer, curl_example, load_preset, options_for
+
+    given = {"max_model_len": max_model_len, "dtype": dtype, "kv_cache_gib": kv_cache_gib, "cpu_cores": cpu_cores}
+    opts = options_for(
+        model_dir, variant=model_dir.name, preset=load_preset(preset), overrides=given, host=host, port=port,
         api_key=api_key,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        kv_cache_gib=kv_cache_gib,
-        cpu_cores=cpu_cores,
-    )
+    )  # fmt: skip
     console.print(f"starting vLLM on {model_dir} (log: {log}); this takes about a minute on a small CPU")
     with VLLMServer(opts, log) as server:
         out.print(f"serving {model_dir} at {opts.url}/v1  (Ctrl-C stops it)")
         out.print(curl_example(opts), soft_wrap=True)
         while server.alive():
-            import time
-
             time.sleep(1.0)
         raise ShortGPTError(f"vLLM exited unexpectedly; see {log}")
 

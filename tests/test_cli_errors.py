@@ -243,3 +243,14 @@ def test_build_dry_run_writes_plan_but_no_checkpoint(tmp_path, ckpt):
     code, output = run("build", recipe_file(tmp_path, ckpt), "--dry-run", "--no-progress")
     assert code == 0, output
     assert (tmp_path / "run" / "plan.json").exists() and not (tmp_path / "run" / "pruned").exists()
+
+
+def test_serve_with_an_unknown_preset(tmp_path, ckpt):
+    code, output = run("serve", ckpt, "--preset", "tpu", "--log", tmp_path / "serve.log")
+    assert code == 2 and "serving preset 'tpu' not found" in output and "known presets: cpu, gpu" in output
+    assert not (tmp_path / "serve.log").exists()  # failed before starting anything
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    code, output = run("report", tmp_path)
+    assert code == 2 and "not a run folder" in output and "shortgpt-deploy build RECIPE" in output
