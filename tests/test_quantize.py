@@ -176,3 +176,10 @@ def test_gptq_of_a_tiny_model_end_to_end(tiny, tmp_path, monkeypatch, capsys):
         assert (out / name).read_bytes() == (tiny / name).read_bytes(), name
     assert "## Quantization" in (out / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src", "words.txt"]
+
+
+def test_model_dir_without_config_json(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShortGPTError, match=r"empty is not a model folder \(no config.json\)"):
+        quantize_checkpoint(tmp_path / "empty", out_dir=tmp_path / "q")
+    assert not (tmp_path / "q").exists()
