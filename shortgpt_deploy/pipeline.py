@@ -26,8 +26,9 @@ from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
 from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
 from .plan import LayerPlan, make_plan, n_from_ratio, normalize_protected
+from .plots import plot_scores
 from .recipe import QUANTIZED_SUFFIX, VARIANTS, CalibrationSpec, ModelSpec, PruneSpec, Recipe
-from .report import plot_scores, write_report
+from .report import write_report
 from .surgery import commit_output, prepare_output, prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:

@@ -12,9 +12,9 @@ from shortgpt_deploy.bench import Workload, summarize
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.importance import LayerScores
 from shortgpt_deploy.plan import make_plan
+from shortgpt_deploy.plots import plot_scores
 from shortgpt_deploy.report import (
     ReportError,
-    plot_scores,
     ratio_to_parent,
     render_markdown,
     summary_rows,
