@@ -34,6 +34,8 @@ from .surgery import commit_output, prepare_output, prune_checkpoint, read_confi
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .budget import BudgetResult
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,7 +78,8 @@ def _calibrate_and_score(
     num_layers = model.config.get_text_config().num_hidden_layers
     with manifest.timed("score"):
         if prune.iterative:
-            n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(prune.ratio), num_layers))
+            ratio = prune.budget.max_ratio if prune.budget else prune.ratio
+            n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(ratio), num_layers))
             return score_iteratively(
                 model,
                 calibration,
@@ -87,6 +90,44 @@ def _calibrate_and_score(
                 progress=progress,
             )
         return score_layers(model, calibration, metric=prune.metric, model_name=checkpoint.source, progress=progress)
+
+
+def _select_budget(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scores: LayerScores,
+    prune: PruneSpec,
+    *,
+    add_bos: bool | None,
+    progress: bool,
+) -> BudgetResult:
+    """prune.budget: the largest n along the scores' removal order within the perplexity budget (budget.py)."""
+    from .budget import select_by_perplexity
+    from .evaluate import heldout_token_ids
+
+    b = prune.budget
+    assert b is not None
+    protected = set(normalize_protected(prune.protect, scores.num_layers))
+    ranked = [s["removed"] for s in scores.iterative] if scores.iterative else scores.removal_order
+    order = [i for i in ranked if i not in protected]
+    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    ids = heldout_token_ids(tokenizer, b.text, max_tokens=b.max_tokens, add_bos=bos)
+    result = select_by_perplexity(
+        model,
+        ids,
+        order,
+        max_increase_pct=b.max_ppl_increase_pct,
+        n_max=n_from_ratio(b.max_ratio, scores.num_layers),
+        context_len=b.context_len,
+        stride=b.stride,
+    )
+    result.settings |= {"text": b.text, "max_tokens": b.max_tokens, "metric": scores.metric}
+    logger.info(
+        "budget: %d layers keep perplexity on %s within +%g%% (%.3f → %.3f, limit %.3f)",
+        result.n_remove, b.text, b.max_ppl_increase_pct, result.baseline_ppl, result.ppl_by_n[result.n_remove],
+        result.limit_ppl,
+    )  # fmt: skip
+    return result
 
 
 def _is_quantized(folder: Path) -> bool:
@@ -274,7 +315,7 @@ def score_and_prune(
         manifest.inputs["checkpoint"] = {"path": str(checkpoint.path), "kind": checkpoint.kind}
         p = recipe.prune
         num_layers = read_config_layers(checkpoint.path)
-        scores = None
+        scores, budget = None, None
         # An explicit layer list needs no scores; a quantized source (the paper's Table 2) cannot be scored
         # without its quantization kernels, so it is pruned by list alone.
         if p.layers is None or not _is_quantized(checkpoint.path):
@@ -288,11 +329,17 @@ def score_and_prune(
                 model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, progress=progress
             )
             scores.save(tmp / "scores.json")
+            if p.budget is not None:
+                with manifest.timed("budget"):
+                    budget = _select_budget(
+                        model, tokenizer, scores, p, add_bos=recipe.model.add_bos, progress=progress
+                    )
+                atomic_write_text(tmp / "budget.json", json.dumps(budget.to_dict(), indent=2) + "\n")
             del model  # surgery streams from disk; free the weights first
         plan = make_plan(
             num_layers=num_layers,
             scores=scores,
-            n_remove=p.n_remove,
+            n_remove=budget.n_remove if p.budget is not None else p.n_remove,
             ratio=p.ratio,
             layers=p.layers,
             protect=p.protect,

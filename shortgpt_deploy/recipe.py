@@ -83,11 +83,26 @@ class CalibrationSpec(_Section):
         return cls(files=[Path(spec)], **kwargs)
 
 
+class BudgetSpec(_Section):
+    """Remove as many layers (in the metric's order) as keep held-out perplexity within max_ppl_increase_pct."""
+
+    max_ppl_increase_pct: float = Field(gt=0, description="Allowed rise of held-out perplexity, in percent.")
+    text: str = Field(
+        default="austen:sensesensibility",
+        description="Selection text: held out from calibration, and best not the text the report evaluates on.",
+    )
+    max_tokens: int = Field(default=4096, ge=16)
+    context_len: int = Field(default=512, ge=8)
+    stride: int = Field(default=256, ge=1)
+    max_ratio: float = Field(default=0.5, gt=0, lt=1, description="Never remove more than this share of layers.")
+
+
 class PruneSpec(_Section):
     metric: MetricName = "bi"
     n_remove: int | None = Field(default=None, ge=1)
     ratio: float | None = Field(default=None, gt=0, lt=1)
     layers: list[int] | None = Field(default=None, description="Explicit layer indices to remove.")
+    budget: BudgetSpec | None = Field(default=None, description="Choose the amount by a perplexity budget.")
     protect: list[int] = Field(
         default_factory=lambda: [0, -1], description="Layers never removed; negative counts from the end."
     )
@@ -95,9 +110,11 @@ class PruneSpec(_Section):
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneSpec:
-        given = [k for k in ("n_remove", "ratio", "layers") if getattr(self, k) is not None]
+        given = [k for k in ("n_remove", "ratio", "layers", "budget") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of n_remove, ratio or layers (got {given or 'none'})")
+            raise ValueError(f"give exactly one of n_remove, ratio, layers or budget (got {given or 'none'})")
+        if self.budget is not None and self.metric == "angular":
+            raise ValueError("a budget grows the removal one layer at a time; angular removes one contiguous block")
         if self.iterative and self.metric not in FORWARD_METRICS:
             raise ValueError(
                 f"iterative re-scoring needs a metric computed from hidden states ({', '.join(FORWARD_METRICS)}); "

@@ -135,6 +135,7 @@ class RunFolder:
     evaluation: dict[str, Any] | None
     summary: dict[str, Any] | None
     runs: list[dict[str, Any]]
+    budget: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -163,6 +164,7 @@ def load_run(run_dir: Path) -> RunFolder:
         evaluation=_read_json(run_dir / "eval.json"),
         summary=_read_json(run_dir / "bench" / "summary.json"),
         runs=_read_json(run_dir / "bench" / "runs.json") or [],
+        budget=_read_json(run_dir / "budget.json"),
     )
 
 
@@ -237,8 +239,25 @@ def scores_section(run: RunFolder, status: dict[str, str]) -> str:
         [str(k + 1), str(i), _fmt(values[i] if i < len(values) else None, ".5f"), run.plan.reasons.get(i, "")]
         for k, i in enumerate(run.plan.remove)
     ]
-    return "\n\n".join([*out, "Removed layers, in the order they were chosen:",
-                        markdown_table(["order", "layer", "score", "why"], rows)])  # fmt: skip
+    out += ["Removed layers, in the order they were chosen:", markdown_table(["order", "layer", "score", "why"], rows)]
+    return "\n\n".join(out + budget_lines(run.budget))
+
+
+def budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    """prune.budget's choice: how many layers, and every point of the perplexity curve it measured."""
+    if not budget:
+        return []
+    st, n = budget.get("settings", {}), budget["n_remove"]
+    points = sorted((int(k), v) for k, v in budget["ppl_by_n"].items())
+    rows = [[str(k), f"{v:.3f}", f"{100 * (v / budget['baseline_ppl'] - 1):+.1f}%", "✓" if v <= budget["limit_ppl"]
+             else "over"] for k, v in points]  # fmt: skip
+    return [
+        f"The amount was chosen by a budget: {n} layers is the most whose removal (in {st.get('metric', '?')} order) "
+        f"keeps perplexity on {st.get('text', '?')} within +{st.get('max_increase_pct', '?')}% "
+        f"({budget['baseline_ppl']:.3f} → {budget['ppl_by_n'][str(n)]:.3f}, limit {budget['limit_ppl']:.3f}); "
+        f"{len(points)} points measured:",
+        markdown_table(["layers removed", "perplexity", "change", "within budget"], rows),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- quality and size

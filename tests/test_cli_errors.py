@@ -65,7 +65,7 @@ def test_recipe_typo(tmp_path, ckpt):
 
 def test_both_n_remove_and_ratio(tmp_path, ckpt):
     code, output = run("build", recipe_file(tmp_path, ckpt, n_remove=2, ratio=0.5))
-    assert code == 2 and "exactly one of n_remove, ratio or layers" in output
+    assert code == 2 and "exactly one of n_remove, ratio, layers or budget" in output
 
 
 def test_removing_all_layers(tmp_path, ckpt):

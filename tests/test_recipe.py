@@ -71,14 +71,14 @@ def test_unknown_metric_lists_the_allowed_values():
 def test_both_n_remove_and_ratio_is_an_error():
     data = base()
     data["prune"]["n_remove"] = 4
-    with pytest.raises(RecipeError, match="exactly one of n_remove, ratio or layers"):
+    with pytest.raises(RecipeError, match="exactly one of n_remove, ratio, layers or budget"):
         parse_recipe(data)
 
 
 def test_none_of_n_remove_ratio_layers_is_an_error():
     data = base()
     del data["prune"]["ratio"]
-    with pytest.raises(RecipeError, match="exactly one of n_remove, ratio or layers"):
+    with pytest.raises(RecipeError, match="exactly one of n_remove, ratio, layers or budget"):
         parse_recipe(data)
 
 
