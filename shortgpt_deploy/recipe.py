@@ -169,6 +169,21 @@ class EvalSpec(_Section):
     max_tokens: int = Field(default=16384, ge=16)
     greedy_prompts: int = Field(default=8, ge=0, description="Prompts (spans of the held-out text) for agreement.")
     greedy_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt.")
+    tasks: list[str] = Field(
+        default_factory=list, description="Multiple-choice tasks (mmlu, hellaswag, piqa, boolq, arc_easy, ...)."
+    )
+    limit: int | None = Field(default=None, ge=1, description="First N items of each task (reproducible).")
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        from .tasks import TaskError, parse_task_names
+
+        try:
+            return parse_task_names(",".join(value)) if value else []
+        except TaskError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvalSpec:

@@ -359,7 +359,31 @@ def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[
         headers = ["variant", "reference", "prompts × new tokens", "greedy tokens identical", "mean common prefix",
                    "identical outputs"]  # fmt: skip
         out += ["Greedy agreement with a reference (same prompts, greedy decoding):", markdown_table(headers, rows)]
-    return "\n\n".join(out)
+    return "\n\n".join(out + accuracy_lines(e))
+
+
+def accuracy_lines(e: dict[str, Any]) -> list[str]:
+    """Multiple-choice accuracy per variant and task (acc, and acc_norm where it differs), and retention."""
+    acc = e.get("accuracy") or {}
+    if not acc:
+        return []
+    tasks, retention = e.get("tasks") or [], e.get("retention_pct") or {}
+    headers = ["variant", *tasks, "average acc", "retention % (÷ dense)"]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        return "–" if r is None else f"{r['acc']:.3f} / {r['acc_norm']:.3f}"
+
+    rows = [
+        [v, *(cell(a["tasks"].get(t)) for t in tasks), f"{a['average']['acc']:.3f}", _fmt(retention.get(v), ".1f")]
+        for v, a in acc.items()
+    ]
+    n = {t: a["tasks"][t]["n"] for a in acc.values() for t in a["tasks"]}
+    limit = f"the first {e['limit']} items of each" if e.get("limit") else "every item"
+    return [
+        f"Multiple-choice accuracy (acc / acc_norm, {limit}: " + ", ".join(f"{t} n={n[t]}" for t in tasks) + "); "
+        "retention is the paper's measure: the variant's average acc ÷ dense's × 100.",
+        markdown_table(headers, rows),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- serving

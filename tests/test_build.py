@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+from test_tasks import data_dir  # noqa: F401  (fixture: a tiny PIQA/MMLU folder)
 from tiny import WORDS, tiny_llama
 
 from shortgpt_deploy import pipeline, quantize, serve
@@ -66,6 +67,25 @@ def test_eval_stage_writes_eval_json_and_the_report(tmp_path, model):
     report = (run / "report.md").read_text()
     assert result.report == run / "report.md"
     assert f"| {ev['perplexity']['pruned']['perplexity']:.3f} |" in report
+
+
+def test_eval_stage_with_tasks_reports_accuracy_and_retention(tmp_path, model, data_dir):  # noqa: F811
+    build(recipe(tmp_path, model, eval={"tasks": ["piqa"], "limit": 4, "greedy_prompts": 0}), recipe_text="")
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(ev["accuracy"]) == {"dense", "pruned"} and ev["tasks"] == ["piqa"] and ev["limit"] == 4
+    assert ev["accuracy"]["dense"]["tasks"]["piqa"]["n"] == 4
+    assert ev["retention_pct"]["dense"] == pytest.approx(100.0)
+    pruned = ev["accuracy"]["pruned"]["average"]["acc"] / ev["accuracy"]["dense"]["average"]["acc"]
+    assert ev["retention_pct"]["pruned"] == pytest.approx(100 * pruned)
+    assert (
+        "Multiple-choice accuracy (acc / acc_norm, the first 4 items of each: piqa n=4)"
+        in (tmp_path / "run" / "report.md").read_text()
+    )
+
+
+def test_unknown_task_in_a_recipe(tmp_path, model):
+    with pytest.raises(ShortGPTError, match="unknown task 'mmlu_pro'; known: mmlu, hellaswag"):
+        recipe(tmp_path, model, eval={"tasks": ["mmlu_pro"]})
 
 
 def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, model, monkeypatch):

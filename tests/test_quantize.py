@@ -183,3 +183,27 @@ def test_model_dir_without_config_json(tmp_path):
     with pytest.raises(ShortGPTError, match=r"empty is not a model folder \(no config.json\)"):
         quantize_checkpoint(tmp_path / "empty", out_dir=tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_gptq_folder_loads_dequantized_quietly(tiny, tmp_path, monkeypatch, capsys):
+    """modeling.load_model reads a GPTQ folder through GPTQModel into float layers, printing nothing on stdout."""
+    pytest.importorskip("gptqmodel")
+    import torch
+
+    from shortgpt_deploy.modeling import load_model
+
+    machine(monkeypatch, int4_kernel=True)
+    monkeypatch.chdir(tmp_path)
+    calib = CalibrationSpec(files=[word_text(tmp_path / "words.txt")], samples=16, seq_len=64, batch_size=4)
+    quantize_checkpoint(tiny, out_dir=tmp_path / "q", calibration=calib)
+    capsys.readouterr()
+    model, _ = load_model(tmp_path / "q")
+    assert capsys.readouterr().out == ""  # stdout belongs to `eval --json`
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * 7 + 1 and all(m.weight.dtype == torch.float32 for m in linears)
+    float_model, _ = load_model(tiny)
+    ids = torch.tensor([[5, 9, 13, 7, 21, 4]])
+    with torch.inference_mode():
+        diff = (model(ids).logits - float_model(ids).logits).abs().max()
+    assert 0 < diff < 1.0  # quantized: close to the float model, not identical
