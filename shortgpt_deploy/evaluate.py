@@ -203,6 +203,7 @@ def evaluate_variants(
     tasks: Sequence[str] = (),
     limit: int | None = None,
     batch_size: int = 8,
+    generation_probe: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of every model, greedy agreement of each `variant` with `references[variant]`, and accuracy on
@@ -238,10 +239,47 @@ def evaluate_variants(
     settings = {"text": text, "context_len": context_len, "stride": stride, "max_tokens": max_tokens}
     settings |= {"greedy_prompts": greedy_prompts, "greedy_tokens": greedy_tokens, "dtype": dtype}
     out = {**settings, "perplexity": ppl, "agreement": agreements, "greedy_tokens_by_variant": greedy}
+    if generation_probe and greedy and "dense" in models:  # one tokenizer: every variant had the same prompts
+        out["generation"] = generation_probe_scores(models["dense"], prompts, greedy, dtype=dtype)
     if loaded:
         base = (accuracy.get("dense") or {}).get("average", {}).get("acc")
         retention = {v: 100 * a["average"]["acc"] / base for v, a in accuracy.items() if base}
         out |= {"tasks": list(tasks), "limit": limit, "accuracy": accuracy, "retention_pct": retention}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generative probe
+def repetition_rate(tokens: Sequence[int], n: int = 4) -> float:
+    """1 − distinct n-grams ÷ n-grams of a sequence: 0 for text that never repeats itself, → 1 for a loop."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def continuation_nll(model: PreTrainedModel, prompt: list[int], continuation: list[int]) -> float:
+    """Mean −log p(continuation token | prompt and the continuation before it) under `model`."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + continuation], device=device)
+    with torch.inference_mode():
+        logits = model(ids, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]))
+
+
+def generation_probe_scores(
+    reference_dir: Path, prompts: list[list[int]], continuations: Mapping[str, list[list[int]]], *, dtype: str
+) -> dict[str, dict[str, float]]:
+    """The paper warns that generation degrades first: score each variant's greedy continuations by the dense
+    (reference) model's perplexity of them — how plausible the text is to the unpruned model — and by their
+    4-gram repetition rate (degenerate loops)."""
+    from .modeling import load_model
+
+    reference, _ = load_model(Path(reference_dir), dtype=dtype)
+    out = {}
+    for name, conts in continuations.items():
+        nll = [continuation_nll(reference, p, c) for p, c in zip(prompts, conts, strict=True)]
+        out[name] = {
+            "reference_perplexity": math.exp(sum(nll) / len(nll)),
+            "repetition_rate_4gram": sum(repetition_rate(c) for c in conts) / len(conts),
+        }
     return out
 
 

@@ -429,6 +429,7 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
         tasks=e.tasks,
         limit=e.limit,
         batch_size=e.batch_size,
+        generation_probe=e.generation_probe,
         progress=progress,
     )
     result["models"] = {n: str(p) for n, p in models.items()}

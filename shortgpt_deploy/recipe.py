@@ -174,6 +174,9 @@ class EvalSpec(_Section):
     )
     limit: int | None = Field(default=None, ge=1, description="First N items of each task (reproducible).")
     batch_size: int = Field(default=8, ge=1)
+    generation_probe: bool = Field(
+        default=False, description="Score the greedy continuations by the dense model's perplexity and repetition."
+    )
 
     @field_validator("tasks")
     @classmethod

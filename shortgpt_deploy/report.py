@@ -359,7 +359,20 @@ def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[
         headers = ["variant", "reference", "prompts × new tokens", "greedy tokens identical", "mean common prefix",
                    "identical outputs"]  # fmt: skip
         out += ["Greedy agreement with a reference (same prompts, greedy decoding):", markdown_table(headers, rows)]
-    return "\n\n".join(out + accuracy_lines(e))
+    return "\n\n".join(out + generation_lines(e) + accuracy_lines(e))
+
+
+def generation_lines(e: dict[str, Any]) -> list[str]:
+    """The generative probe: the dense model's perplexity of each variant's greedy text, and its repetition."""
+    gen = e.get("generation") or {}
+    if not gen:
+        return []
+    rows = [[v, f"{g['reference_perplexity']:.2f}", f"{g['repetition_rate_4gram']:.1%}"] for v, g in gen.items()]
+    return [
+        "Generative probe (the greedy continuations above, scored by the dense model; the paper warns generation "
+        "degrades first):",
+        markdown_table(["variant", "dense model's perplexity of its text", "repeated 4-grams"], rows),
+    ]
 
 
 def accuracy_lines(e: dict[str, Any]) -> list[str]:

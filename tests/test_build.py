@@ -83,6 +83,25 @@ def test_eval_stage_with_tasks_reports_accuracy_and_retention(tmp_path, model, d
     )
 
 
+def test_generation_probe_scores_every_variant_with_the_dense_model(tmp_path, model):
+    import math
+
+    from shortgpt_deploy.evaluate import continuation_nll, prompt_spans
+    from shortgpt_deploy.modeling import load_model
+
+    build(recipe(tmp_path, model, eval={"generation_probe": True}), recipe_text="", progress=False)
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(ev["generation"]) == {"dense", "pruned"}
+    dense, tokenizer = load_model(model)
+    ids = tokenizer(words(tmp_path / "heldout.txt", 1500, 1).read_text(), add_special_tokens=False)["input_ids"]
+    prompts = prompt_spans(ids[:400], n_prompts=3)
+    conts = ev["greedy_tokens_by_variant"]["pruned"]
+    by_hand = math.exp(sum(continuation_nll(dense, p, c) for p, c in zip(prompts, conts, strict=True)) / 3)
+    assert ev["generation"]["pruned"]["reference_perplexity"] == pytest.approx(by_hand, rel=1e-5)
+    assert 0.0 <= ev["generation"]["pruned"]["repetition_rate_4gram"] <= 1.0
+    assert "Generative probe" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_unknown_task_in_a_recipe(tmp_path, model):
     with pytest.raises(ShortGPTError, match="unknown task 'mmlu_pro'; known: mmlu, hellaswag"):
         recipe(tmp_path, model, eval={"tasks": ["mmlu_pro"]})

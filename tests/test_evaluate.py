@@ -79,3 +79,19 @@ def test_prompt_spans_are_spread_and_keep_bos():
     assert [s[1] for s in spans] == [100, 130, 160] and all(len(s) == 11 for s in spans)
     with pytest.raises(EvalError, match="at least 10"):
         prompt_spans(list(range(5)), n_prompts=2, prompt_len=10)
+
+
+def test_repetition_rate_by_hand():
+    from shortgpt_deploy.evaluate import repetition_rate
+
+    assert repetition_rate([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repetition_rate([7, 7, 7, 7, 7, 7], n=4) == pytest.approx(1 - 1 / 3)  # 3 four-grams, all the same
+    assert repetition_rate([1, 2, 3]) == 0.0  # shorter than n: no n-grams
+
+
+def test_continuation_nll_is_the_mean_nll_of_the_continuation_tokens(model):
+    from shortgpt_deploy.evaluate import continuation_nll
+
+    ids = [5, 9, 13, 7, 21, 4, 8]
+    nll = reference_nll(model, ids)  # position k predicts token k + 1
+    assert continuation_nll(model, ids[:3], ids[3:]) == pytest.approx(float(nll[2:].mean()), rel=1e-5)
