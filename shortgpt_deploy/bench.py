@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import ShortGPTError
 from .manifest import git_revision, machine, package_versions
-from .serve import ServeError, ServeOptions, VLLMServer, log_tail
+from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
 from .surgery import read_config_layers, read_layer_tensors, text_config
 
 logger = logging.getLogger(__name__)
@@ -220,9 +220,7 @@ OptionsFactory = Callable[[Variant, int], ServeOptions]  # (variant, free port) 
 def default_options(variant: Variant, port: int) -> ServeOptions:
     """serve.py's defaults, with the context capped at 2048 tokens (or the model's own limit, if shorter)."""
     assert variant.model_dir is not None
-    cfg = text_config(json.loads((variant.model_dir / "config.json").read_text()))
-    max_len = min(2048, cfg.get("max_position_embeddings", 2048))
-    return ServeOptions(variant.model_dir, port=port, served_model_name=variant.name, max_model_len=max_len)
+    return fit_to_model(ServeOptions(variant.model_dir, port=port, served_model_name=variant.name, max_model_len=2048))
 
 
 @dataclass

@@ -445,8 +445,7 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
 def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
     """vLLM's load generator against each variant of the bench section, with the serve section's settings."""
     from . import bench as b
-    from .serve import ServeOptions, load_preset, options_for
-    from .surgery import text_config
+    from .serve import ServeOptions, fit_to_model, load_preset, options_for
 
     spec = recipe.bench
     assert spec is not None
@@ -468,8 +467,7 @@ def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool)
             variant.model_dir, variant=variant.name, preset=preset, overrides=overrides, port=port,
             served_model_name=variant.name,
         )  # fmt: skip
-        limit = text_config(json.loads((variant.model_dir / "config.json").read_text())).get("max_position_embeddings")
-        return dataclasses.replace(opts, max_model_len=min(opts.max_model_len, limit or opts.max_model_len))
+        return fit_to_model(opts)
 
     workload = b.Workload(
         input_len=spec.input_len,

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -108,6 +108,15 @@ def options_for(
     if "extra_args" in merged:
         merged["extra_args"] = tuple(str(a) for a in merged["extra_args"])
     return ServeOptions(Path(model_dir), **merged, **fixed)  # type: ignore[arg-type]
+
+
+def fit_to_model(opts: ServeOptions) -> ServeOptions:
+    """`opts` with max_model_len no longer than the model's own context (config.json max_position_embeddings)."""
+    from .surgery import text_config
+
+    config = text_config(json.loads((Path(opts.model_dir) / "config.json").read_text()))
+    limit = config.get("max_position_embeddings")
+    return replace(opts, max_model_len=min(opts.max_model_len, limit)) if limit else opts
 
 
 def default_cores() -> str:

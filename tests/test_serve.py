@@ -150,3 +150,13 @@ def test_served_pruned_model_answers_like_transformers(tmp_path):
     with pytest.raises(ProcessLookupError):  # the whole process group is gone, workers included
         os.killpg(pgid, signal.SIGCONT)
     assert Path(tmp_path / "serve.log").read_text()
+
+
+def test_fit_to_model_caps_the_context_at_the_models_own(tmp_path):
+    from shortgpt_deploy.serve import fit_to_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "max_position_embeddings": 512}))
+    assert fit_to_model(ServeOptions(tmp_path, max_model_len=2048)).max_model_len == 512
+    assert fit_to_model(ServeOptions(tmp_path, max_model_len=256)).max_model_len == 256
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))  # no limit stated: left as asked
+    assert fit_to_model(ServeOptions(tmp_path, max_model_len=2048)).max_model_len == 2048
