@@ -19,16 +19,14 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ShortGPTError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .calibration import CalibrationSet
@@ -143,130 +141,6 @@ def sweep_grid(num_layers: int, removable: int, *, max_ratio: float, step: int) 
     return sorted(set(range(0, n_max + 1, step)) | {n25}), n25
 
 
-# ------------------------------------------------------------------------------------- calibration perplexity
-def calibration_nll(model: PreTrainedModel, calibration: CalibrationSet) -> float:
-    """Mean over non-padding next-token targets of −log p(token | block so far), over every calibration block."""
-    import torch
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for batch in calibration.batches:
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].bool()
-            total += float(nll.double()[keep].sum())
-            count += int(keep.sum())
-    return total / count
-
-
-@contextmanager
-def _replaying(layers: torch.nn.ModuleList, outputs: list[Any]) -> Iterator[None]:
-    """Layers [0, len(outputs)) return their recorded outputs instead of computing (their inputs are unchanged)."""
-    for layer, output in zip(layers, outputs, strict=False):
-        layer.forward = lambda *args, _out=output, **kwargs: _out
-    try:
-        yield
-    finally:
-        for layer in list(layers)[: len(outputs)]:
-            del layer.forward
-
-
-def _record(model: PreTrainedModel, calibration: CalibrationSet) -> tuple[float, list[list[Any]]]:
-    """Calibration NLL of the model as it stands, and each batch's list of every decoder layer's output."""
-    from .modeling import decoder_layers
-
-    outputs: list[list[Any]] = []
-    handles = [
-        layer.register_forward_hook(lambda module, args, out: outputs[-1].append(out))
-        for layer in decoder_layers(model)
-    ]
-    try:
-        nll_sum, count = 0.0, 0
-        for batch in calibration.batches:
-            outputs.append([])
-            tokens = int(batch.attention_mask[:, 1:].sum())
-            nll_sum += calibration_nll(model, replace(calibration, batches=[batch])) * tokens
-            count += tokens
-    finally:
-        for h in handles:
-            h.remove()
-    return nll_sum / count, outputs
-
-
-def _nll_without(
-    model: PreTrainedModel, calibration: CalibrationSet, removed: list[int], candidate: int, outputs: list[list[Any]]
-) -> float:
-    """Calibration NLL with `candidate` removed too; the kept layers in front of it replay `outputs`."""
-    from .modeling import decoder_layers, layers_removed
-
-    in_front = sum(1 for i in range(candidate) if i not in removed)  # same layers, same inputs as when recorded
-    total, count = 0.0, 0
-    with layers_removed(model, frozenset([*removed, candidate])):
-        layers = decoder_layers(model)
-        for batch, recorded in zip(calibration.batches, outputs, strict=True):
-            with _replaying(layers, recorded[:in_front]):
-                tokens = int(batch.attention_mask[:, 1:].sum())
-                total += calibration_nll(model, replace(calibration, batches=[batch])) * tokens
-                count += tokens
-    return total / count
-
-
-@dataclass
-class GreedyOrder:
-    removal_order: list[int]
-    steps: list[dict[str, Any]]  # per removal: the layer, calibration perplexity before/after, every candidate's
-    calibration: dict[str, Any]
-    forward_passes: int
-    duration_s: float
-
-
-def ppl_greedy_order(
-    model: PreTrainedModel,
-    calibration: CalibrationSet,
-    *,
-    n_remove: int,
-    protected: frozenset[int],
-    progress: bool = True,
-) -> GreedyOrder:
-    """Remove, one at a time, the layer whose removal raises calibration perplexity least, re-evaluating every
-    remaining candidate after each removal (ties: the lower index). An oracle-like baseline for the metrics.
-
-    Cost: for R removable layers, step k evaluates R − k candidates, so Σ_{k<n} (R − k) + n forward passes over
-    the calibration blocks (R = 28, n = 15: 330). A candidate's pass does not recompute the layers in front of it
-    (they replay outputs recorded in the step's first pass), so it costs about half a full pass on average.
-    """
-    from tqdm.auto import tqdm
-
-    from .modeling import decoder_layers, layers_removed
-
-    start = time.perf_counter()
-    num_layers = len(decoder_layers(model))
-    removed: list[int] = []
-    steps: list[dict[str, Any]] = []
-    passes = 0
-    for _ in tqdm(range(n_remove), desc="ppl_greedy", unit="layer", disable=not progress):
-        candidates = [i for i in range(num_layers) if i not in removed and i not in protected]
-        if not candidates:
-            raise AnalysisError(f"only {len(removed)} layers can be removed: the rest are protected")
-        with layers_removed(model, frozenset(removed)):
-            before, outputs = _record(model, calibration)
-        nll = {c: _nll_without(model, calibration, removed, c, outputs) for c in candidates}
-        passes += 1 + len(candidates)
-        choice = min(candidates, key=lambda c: (nll[c], c))
-        removed.append(choice)
-        steps.append(
-            {
-                "removed": choice,
-                "calibration_perplexity_before": math.exp(before),
-                "calibration_perplexity": math.exp(nll[choice]),
-                "candidates": {str(c): math.exp(v) for c, v in nll.items()},
-            }
-        )
-    return GreedyOrder(removed, steps, calibration.describe(), passes, time.perf_counter() - start)
-
-
 # ------------------------------------------------------------------------------------------ the analyses
 @dataclass
 class Context:
@@ -368,6 +242,7 @@ def metric_order(values: list[float], protected: frozenset[int]) -> list[int]:
 
 def _removal_sets(ctx: Context, grid: list[int], protected: frozenset[int]) -> tuple[dict, dict]:
     """order name → {n: removed layers}, and order name → how the order was obtained (full order, cost)."""
+    from .greedy import ppl_greedy_order
     from .importance import score_iteratively
     from .plan import make_plan
 

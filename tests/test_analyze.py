@@ -17,13 +17,13 @@ from shortgpt_deploy.analyze import (
     AnalysisSettings,
     load_context,
     min_max,
-    ppl_greedy_order,
     ratio_sweep_analysis,
     spearman,
     sweep_grid,
 )
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.evaluate import perplexity
+from shortgpt_deploy.greedy import ppl_greedy_order
 from shortgpt_deploy.modeling import layers_removed
 from shortgpt_deploy.recipe import CalibrationSpec
 
