@@ -2,10 +2,11 @@
 
 - `metrics` (paper Fig. 8): every importance metric per layer from one scoring pass, each min–max normalised to
   [0, 1] so they share an axis, and the Spearman rank correlation of each with BI.
-- `single-layer` (paper Fig. 3): each layer removed alone; held-out perplexity (and optionally a multiple-choice
-  task) per removed layer, beside that layer's BI.
-- `ratio-sweep` (paper Fig. 5): held-out perplexity against the number of layers removed, for several removal
-  orders (BI, the other metrics, iterative BI, Gromov et al.'s angular block, and `ppl_greedy`, see below).
+- `single-layer` (paper Fig. 3): each layer removed alone; held-out perplexity (and, with tasks, multiple-choice
+  accuracy) per removed layer, beside that layer's BI.
+- `ratio-sweep` (paper Fig. 5): held-out perplexity (and, with tasks, MC average accuracy) against the number of
+  layers removed, for several removal orders (BI, the other metrics, iterative BI, Gromov et al.'s angular block,
+  and `ppl_greedy` from greedy.py).
 
 Layers are removed with `modeling.layers_removed` (exactly as surgery would, but nothing is written). Each
 analysis writes DIR/<name>.json (settings, results, provenance) and DIR/<name>.png. The calibration text (orders
@@ -32,10 +33,12 @@ if TYPE_CHECKING:
     from .calibration import CalibrationSet
     from .importance import LayerScores
     from .recipe import CalibrationSpec
+    from .tasks import LoadedTask
 
 logger = logging.getLogger(__name__)
 
-ANALYSES = ("single-layer", "ratio-sweep", "metrics")
+ANALYSES = ("single-layer", "ratio-sweep", "metrics", "orthogonality")
+TASKS_AT = ("all", "25")
 ORDERS = ("bi", "relative_magnitude", "sequential", "reverse", "angular", "iterative_bi", "ppl_greedy")
 PROTECTION_NOTE = (
     "Protected layers are never removed by any order. sequential = ascending layer index among unprotected layers, "
@@ -63,8 +66,10 @@ class AnalysisSettings:
     step: int = 2
     orders: tuple[str, ...] = ORDERS
     protect: tuple[int, ...] = (0, -1)
-    task: str | None = None
+    tasks: tuple[str, ...] = ()  # multiple-choice tasks measured beside perplexity (tasks.py)
     limit: int | None = 100
+    shots: int | None = None  # the task's default (MMLU 5, others 0)
+    tasks_at: str = "all"  # ratio-sweep: MC at every sweep point ("all") or only at 0 and 25% ("25")
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -72,6 +77,8 @@ class AnalysisSettings:
             raise AnalysisError(f"--max-ratio must be between 0 and 1 (exclusive), e.g. 0.5; got {self.max_ratio}")
         if self.step < 1:
             raise AnalysisError(f"--step must be at least 1 (layers between sweep points); got {self.step}")
+        if self.tasks_at not in TASKS_AT:
+            raise AnalysisError(f"--tasks-at must be one of {', '.join(TASKS_AT)}; got {self.tasks_at!r}")
         unknown = [o for o in self.orders if o not in ORDERS]
         if unknown or not self.orders:
             raise AnalysisError(f"unknown removal order {unknown or self.orders}; known: {', '.join(ORDERS)}")
@@ -97,8 +104,23 @@ def check_what(what: str) -> str:
     return what
 
 
+def is_run_folder(model_spec: str) -> bool:
+    return (Path(model_spec) / "manifest.json").is_file()
+
+
+def model_of_run(model_spec: str) -> str:
+    """A build's run folder stands for its recipe's model (the dense one); anything else is a model spec."""
+    if not is_run_folder(model_spec):
+        return model_spec
+    manifest = json.loads((Path(model_spec) / "manifest.json").read_text())
+    return manifest["inputs"]["recipe"]["model"]["path"]
+
+
 def default_out_dir(model_spec: str) -> Path:
-    """runs/analysis-<model name>: offline:NAME → NAME, a folder or file → its name, org/name → name."""
+    """A build's run folder itself (so that its report shows the analysis), else runs/analysis-<model name>:
+    offline:NAME → NAME, a folder or file → its name, org/name → name."""
+    if is_run_folder(model_spec):
+        return Path(model_spec)
     name = model_spec.split(":", 1)[1] if model_spec.startswith("offline:") else model_spec.rstrip("/")
     return Path("runs") / f"analysis-{Path(name).stem if name.endswith('.gguf') else Path(name).name}"
 
@@ -152,7 +174,7 @@ class Context:
     settings: AnalysisSettings
     calibration: CalibrationSet
     greedy_calibration: CalibrationSet
-    task_items: list[Any] | None = None
+    tasks: list[LoadedTask] = field(default_factory=list)
     progress: bool = True
     _heldout: list[int] | None = None
     _measured: dict[frozenset[int], dict[str, float]] = field(default_factory=dict)
@@ -171,15 +193,17 @@ class Context:
             self._heldout = heldout_token_ids(self.tokenizer, s.heldout, max_tokens=s.max_tokens, add_bos=self.add_bos)
         return self._heldout
 
-    def measure(self, removed: set[int] | frozenset[int]) -> dict[str, float]:
-        """Held-out perplexity (and task accuracy) of the model with `removed` layers gone."""
-        from .evaluate import mc_accuracy, perplexity
+    def measure(self, removed: set[int] | frozenset[int], *, tasks: bool = True) -> dict[str, Any]:
+        """Held-out perplexity of the model with `removed` layers gone, and (if `tasks` and the settings name tasks)
+        each task's acc/acc_norm and their averages `mc_acc`/`mc_acc_norm`."""
+        from .evaluate import perplexity, run_tasks
         from .modeling import layers_removed
 
         key = frozenset(removed)
-        if key not in self._measured:
-            s = self.settings
-            with layers_removed(self.model, key):
+        row = self._measured.setdefault(key, {})
+        s = self.settings
+        with layers_removed(self.model, key):
+            if "perplexity" not in row:
                 ppl = perplexity(
                     self.model,
                     self.heldout_ids(),
@@ -188,20 +212,22 @@ class Context:
                     text=s.heldout,
                     progress=False,
                 )
-                row = {"perplexity": ppl.perplexity, "nll_per_token": ppl.nll_per_token}
-                if self.task_items:
-                    acc = mc_accuracy(
-                        self.model,
-                        self.tokenizer,
-                        self.task_items,
-                        batch_size=s.batch_size,
-                        add_bos=self.add_bos,
-                        progress=False,
-                        task=s.task or "",
-                    )
-                    row |= {"task_acc": acc.acc, "task_acc_norm": acc.acc_norm}
-            self._measured[key] = row
-        return self._measured[key]
+                row |= {"perplexity": ppl.perplexity, "nll_per_token": ppl.nll_per_token}
+            if tasks and self.tasks and "mc_acc" not in row:
+                got = run_tasks(
+                    self.model,
+                    self.tokenizer,
+                    self.tasks,
+                    batch_size=s.batch_size,
+                    add_bos=self.add_bos,
+                    progress=False,
+                )
+                row |= {
+                    "tasks": {name: {k: r[k] for k in ("acc", "acc_norm")} for name, r in got["tasks"].items()},
+                    "mc_acc": got["average"]["acc"],
+                    "mc_acc_norm": got["average"]["acc_norm"],
+                }
+        return dict(row)
 
     def scores(self) -> LayerScores:
         """One scoring pass: every metric per layer, and the angular distance between every pair of boundaries."""
@@ -227,7 +253,7 @@ def single_layer_analysis(ctx: Context) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     bi = ctx.scores().all_metrics["bi"]
-    dense = ctx.measure(frozenset())
+    dense = ctx.measure(frozenset())  # with the tasks, when given: every point is measured alike
     layers = [
         {"layer": i, "bi": bi[i], **ctx.measure({i})}
         for i in tqdm(range(ctx.num_layers), desc="single layer", unit="layer", disable=not ctx.progress)
@@ -291,10 +317,23 @@ def ratio_sweep_analysis(ctx: Context) -> dict[str, Any]:
     grid, n25 = sweep_grid(num_layers, num_layers - len(protected), max_ratio=s.max_ratio, step=s.step)
     sets, info = _removal_sets(ctx, grid, protected)
     points = [(name, n) for name in sets for n in grid]
+    with_tasks = {n for n in grid if s.tasks_at == "all" or n in (0, n25)}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
     for name, n in tqdm(points, desc="ratio sweep", unit="point", disable=not ctx.progress):
-        rows[name].append({"n": n, "removed": sets[name][n], **ctx.measure(set(sets[name][n]))})
+        row = ctx.measure(set(sets[name][n]), tasks=n in with_tasks)
+        rows[name].append({"n": n, "removed": sets[name][n], **row})
     table = {name: {str(r["n"]): r["perplexity"] for r in rs} for name, rs in rows.items()}
+    mc: dict[str, Any] = {}
+    if ctx.tasks:
+        mc_table = {name: {str(r["n"]): r["mc_acc"] for r in rs if "mc_acc" in r} for name, rs in rows.items()}
+        dense_mc = ctx.measure(frozenset())["mc_acc"]
+        mc = {
+            "tasks_at": s.tasks_at,
+            "mc_table": mc_table,
+            "dense_mc_acc": dense_mc,
+            "at_25_percent_mc": {name: t[str(n25)] for name, t in mc_table.items()},
+            "retention_at_25_percent": {name: 100 * t[str(n25)] / dense_mc for name, t in mc_table.items()},
+        }
     return {
         "num_layers": num_layers,
         "max_ratio": s.max_ratio,
@@ -305,6 +344,7 @@ def ratio_sweep_analysis(ctx: Context) -> dict[str, Any]:
         "n_at_25_percent": n25,
         "at_25_percent": {name: t[str(n25)] for name, t in table.items()},
         "perplexity_table": table,
+        **mc,
         "orders": info,
         "points": rows,
     }
@@ -340,12 +380,10 @@ def provenance() -> dict[str, Any]:
 def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool) -> tuple[Context, str]:
     from .calibration import build_calibration, load_documents
     from .modeling import load_model, resolve_checkpoint, tokenizer_adds_bos
+    from .tasks import load_task
 
-    items = None
-    if settings.task:  # before the model, so that missing task data fails at once
-        from .tasks import load_task
-
-        items = load_task(settings.task, limit=settings.limit).items
+    # before the model, so that an unknown task or missing task data fails at once
+    tasks = [load_task(name, limit=settings.limit, shots=settings.shots) for name in settings.tasks]
     checkpoint = resolve_checkpoint(model_spec)
     model, tokenizer = load_model(checkpoint.path)
     add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
@@ -354,36 +392,59 @@ def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool)
         build_calibration(docs, tokenizer, spec, add_bos=add_bos, source=spec.source)
         for spec in (settings.calibration, settings.greedy_calibration)
     )
-    ctx = Context(model, tokenizer, add_bos, settings, calib, greedy, items, progress)
+    ctx = Context(model, tokenizer, add_bos, settings, calib, greedy, tasks, progress)
     return ctx, str(checkpoint.path)
 
 
 def run_analysis(
     model_spec: str, *, what: str, settings: AnalysisSettings, out_dir: Path | None = None, progress: bool = True
 ) -> AnalysisResult:
-    """Run one analysis (a key of ANALYZERS) and write out_dir/<what>.json and .png (replacing earlier ones)."""
-    from .analyze_plots import PLOTTERS
-    from .files import atomic_write_text
-
+    """Run one analysis (`what`, one of ANALYSES) and write out_dir/<what>.json and .png. MODEL may be a build's
+    run folder: the analysis is then of its recipe's model (orthogonality: of its four checkpoints), written
+    into that folder unless out_dir says otherwise."""
     check_what(what)
     start = time.perf_counter()
-    ctx, checkpoint = load_context(model_spec, settings, progress=progress)
+    out_dir = out_dir or default_out_dir(model_spec)
+    if what == "orthogonality":
+        from .orthogonality import orthogonality_analysis
+
+        data = {"analysis": what, "model": model_of_run(model_spec)}
+        data |= orthogonality_analysis(model_spec, settings, out_dir, progress=progress)
+        data |= {"duration_s": round(time.perf_counter() - start, 2), "provenance": provenance()}
+        return _write(data, out_dir)
+    ctx, checkpoint = load_context(model_of_run(model_spec), settings, progress=progress)
     results = ANALYZERS[what](ctx)
     s = settings
-    data: dict[str, Any] = {
+    data = {
         "analysis": what,
-        "model": model_spec,
+        "model": model_of_run(model_spec),
         "checkpoint": checkpoint,
         "calibration": ctx.calibration.describe(),
         "heldout": {**s.heldout_settings(), "add_bos": ctx.add_bos} if what != "metrics" else None,
-        "task": {"name": s.task, "limit": s.limit, "items": len(ctx.task_items)} if ctx.task_items else None,
+        "tasks": (
+            [
+                {"name": t.name, "items": len(t.items), "shots": t.shots, "split": t.split, "source": t.source}
+                for t in ctx.tasks
+            ]
+            if ctx.tasks
+            else None
+        ),
+        "limit": s.limit if ctx.tasks else None,
         **results,
         "duration_s": round(time.perf_counter() - start, 2),
         "provenance": provenance(),
     }
     if what == "ratio-sweep" and "ppl_greedy" in s.orders:
         data["greedy_calibration"] = ctx.greedy_calibration.describe()
-    out_dir = out_dir or default_out_dir(model_spec)
+    return _write(data, out_dir)
+
+
+def _write(data: dict[str, Any], out_dir: Path) -> AnalysisResult:
+    """out_dir/<analysis>.json and .png (replacing earlier ones; the JSON is written whole or not at all)."""
+    from .analyze_plots import PLOTTERS
+    from .files import atomic_write_text
+
+    what = data["analysis"]
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = what.replace("-", "_")
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"

@@ -495,10 +495,25 @@ def report(
 @app.command()
 @handles_errors
 def analyze(
-    model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, or offline:NAME.")],
-    what: Annotated[str, typer.Option(help="single-layer (Fig. 3), ratio-sweep (Fig. 5) or metrics (Fig. 8).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Hub id, local folder, .gguf file, offline:NAME, or a build's run folder (its recipe's model; "
+            "orthogonality: its four checkpoints)."
+        ),
+    ],
+    what: Annotated[
+        str,
+        typer.Option(
+            help="single-layer (Fig. 3), ratio-sweep (Fig. 5), metrics (Fig. 8) or orthogonality (Table 2: dense, "
+            "pruned and their GPTQ checkpoints; built first when MODEL is not a run folder that has them)."
+        ),
+    ],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Folder for WHAT.json and WHAT.png (default runs/analysis-NAME).")
+        Path | None,
+        typer.Option(
+            "--out", help="Folder for WHAT.json and WHAT.png (default: the run folder, or runs/analysis-NAME)."
+        ),
     ] = None,
     calibration: Annotated[str, typer.Option(help="Text that chooses the orders (as for `score`).")] = "austen:emma",
     samples: Annotated[int, typer.Option(help="Calibration blocks for the metrics and iterative BI.")] = 8,
@@ -517,16 +532,29 @@ def analyze(
         None
     ),
     protect: Annotated[str, typer.Option(help="Layers never removed; negative counts from the end.")] = "0,-1",
-    task: Annotated[str | None, typer.Option(help="Also multiple-choice accuracy on this task (e.g. piqa).")] = None,
-    limit: Annotated[int, typer.Option(help="With --task: its first N items.")] = 100,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Also multiple-choice accuracy on these tasks (comma-separated, e.g. piqa,arc_easy; "
+            "orthogonality: default mmlu)."
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="With --tasks: the first N items of each.")] = 100,
+    shots: Annotated[int | None, typer.Option(help="With --tasks: few-shot examples (default: MMLU 5, others 0).")] = (
+        None
+    ),
+    tasks_at: Annotated[
+        str, typer.Option(help="ratio-sweep: measure the tasks at every point (all) or at 0 and 25% only (25).")
+    ] = "all",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """The ShortGPT paper's analyses, layers removed in memory: WHAT.json (with provenance) and WHAT.png."""
     _setup_logging(verbose)
-    from .analyze import ORDERS, AnalysisSettings, check_what, run_analysis
+    from .analyze import ORDERS, AnalysisSettings, check_what, is_run_folder, run_analysis
     from .analyze_plots import summary_rows
     from .recipe import CalibrationSpec
+    from .tasks import parse_task_names
 
     check_what(what)
     try:
@@ -547,8 +575,10 @@ def analyze(
         step=step,
         orders=tuple(o.strip() for o in orders.split(",")) if orders else ORDERS,
         protect=tuple(_ints(protect, "--protect") or []),
-        task=task,
+        tasks=tuple(parse_task_names(tasks)) if tasks else (),
         limit=limit,
+        shots=shots,
+        tasks_at=tasks_at,
     )
     result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
     title, headers, rows = summary_rows(result.data)
@@ -561,9 +591,17 @@ def analyze(
     if what == "ratio-sweep":
         n25, at25 = result.data["n_at_25_percent"], result.data["at_25_percent"]
         out.print(f"at 25% ({n25} of {result.data['num_layers']} layers removed): held-out perplexity")
+        mc = result.data.get("at_25_percent_mc") or {}
         for name, ppl in sorted(at25.items(), key=lambda kv: kv[1]):
-            out.print(f"  {name:<20} {ppl:10.2f}")
+            acc = f"   MC acc {mc[name]:.3f} ({result.data['retention_at_25_percent'][name]:.1f}%)" if mc else ""
+            out.print(f"  {name:<20} {ppl:10.2f}{acc}")
+    if what == "orthogonality":
+        out.print(result.data["verdict"])
     console.print(f"wrote {result.json_path} and {result.png_path} in {result.data['duration_s']:.0f} s")
+    if is_run_folder(str(result.json_path.parent)):
+        from .report import write_report
+
+        console.print(f"updated {write_report(result.json_path.parent)}")
 
 
 @app.command()

@@ -202,6 +202,7 @@ def evaluate_variants(
     dtype: str = "float32",
     tasks: Sequence[str] = (),
     limit: int | None = None,
+    shots: int | None = None,
     batch_size: int = 8,
     generation_probe: bool = False,
     progress: bool = True,
@@ -215,7 +216,7 @@ def evaluate_variants(
     from .modeling import load_model, tokenizer_adds_bos
     from .tasks import load_task
 
-    loaded = [load_task(t, limit=limit) for t in tasks]  # a missing data set fails before any model loads
+    loaded = [load_task(t, limit=limit, shots=shots) for t in tasks]  # missing data fails before any model loads
     ppl: dict[str, dict[str, Any]] = {}
     greedy: dict[str, list[list[int]]] = {}
     accuracy: dict[str, dict[str, Any]] = {}

@@ -521,6 +521,22 @@ def _measured(summary: dict[str, Any] | None) -> bool:
     return any(c.get("median") for levels in summary["variants"].values() for c in levels.values())
 
 
+def analyses_section(run_dir: Path) -> str:
+    """The paper's analyses that `analyze RUN_DIR --what ...` wrote into the run folder, each with its plot."""
+    from .analyze import ANALYSES
+    from .analyze_plots import markdown_section
+
+    parts = []
+    for what in ANALYSES:
+        stem = what.replace("-", "_")
+        data = _read_json(run_dir / f"{stem}.json")
+        if data is not None:
+            parts.append(markdown_section(data, f"{stem}.png"))
+    if not parts:
+        return "## Analyses\n\nNone yet: `shortgpt-deploy analyze RUN_DIR --what WHAT` adds them here."
+    return "## Analyses\n\n" + "\n\n".join(parts)
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.md (and plots/throughput.png, plots/latency.png when there are bench results)."""
     run = load_run(Path(run_dir))
@@ -535,6 +551,7 @@ def write_report(run_dir: Path) -> Path:
         quality_section(run, infos, status),
         serving_section(run, status, plots),
         quantization_section(run, infos, status),
+        analyses_section(run.path),
     ]
     path = run.path / "report.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from test_tasks import data_dir  # noqa: F401  (fixture: a tiny PIQA/MMLU folder)
 from tiny import WORDS, tiny_llama
 from typer.testing import CliRunner
 
@@ -21,8 +22,9 @@ from shortgpt_deploy.analyze import (
     spearman,
     sweep_grid,
 )
+from shortgpt_deploy.analyze_plots import markdown_section
 from shortgpt_deploy.cli import app
-from shortgpt_deploy.evaluate import perplexity
+from shortgpt_deploy.evaluate import perplexity, run_tasks
 from shortgpt_deploy.greedy import ppl_greedy_order
 from shortgpt_deploy.modeling import layers_removed
 from shortgpt_deploy.recipe import CalibrationSpec
@@ -174,7 +176,7 @@ def test_a_folder_that_is_not_a_model(tmp_path, files):
 
 
 def test_unknown_task(files):
-    code, output = run("analyze", files[0], "--what", "single-layer", "--task", "trivia", *SMALL)
+    code, output = run("analyze", files[0], "--what", "single-layer", "--tasks", "trivia", *SMALL)
     assert code == 2 and "unknown task 'trivia'; known:" in output and "piqa" in output
 
 
@@ -196,3 +198,59 @@ def test_settings_refuse_unknown_orders_and_calibration_as_heldout(files):
             greedy_calibration=CalibrationSpec.from_cli("austen:emma"),
             heldout="austen:emma",
         )
+
+
+# ------------------------------------------------------------------------------- multiple-choice tasks
+def _mc_of(context, removed):
+    """MC average accuracy of the context's model with `removed` layers gone, computed directly."""
+    with layers_removed(context.model, frozenset(removed)):
+        got = run_tasks(
+            context.model, context.tokenizer, context.tasks, batch_size=4, add_bos=context.add_bos, progress=False
+        )
+    return got["average"]["acc"]
+
+
+@pytest.mark.parametrize("tasks_at", ["all", "25"])
+def test_ratio_sweep_with_tasks(files, data_dir, tasks_at):  # noqa: F811
+    tiny, calib, held = files
+    s = settings(calib, held, tasks=("piqa", "mmlu"), limit=4, tasks_at=tasks_at, orders=("bi", "reverse"))
+    context, _ = load_context(str(tiny), s, progress=False)
+    data = ratio_sweep_analysis(context)
+    n25, grid = data["n_at_25_percent"], data["grid"]
+    measured = grid if tasks_at == "all" else [0, n25]
+    for name in ("bi", "reverse"):
+        assert sorted(map(int, data["mc_table"][name])) == measured
+        for point in data["points"][name]:
+            assert ("mc_acc" in point) == (point["n"] in measured)
+            if "mc_acc" in point:
+                assert set(point["tasks"]) == {"piqa", "mmlu"}
+        removed = next(p["removed"] for p in data["points"][name] if p["n"] == n25)
+        assert data["at_25_percent_mc"][name] == pytest.approx(_mc_of(context, removed))
+        assert data["retention_at_25_percent"][name] == pytest.approx(
+            100 * data["at_25_percent_mc"][name] / data["dense_mc_acc"]
+        )
+    assert data["dense_mc_acc"] == pytest.approx(_mc_of(context, ()))
+    doc = {**data, "analysis": "ratio-sweep", "model": "tiny", "duration_s": 3, "provenance": {"command": ["x", "a"]}}
+    section = markdown_section(doc, "ratio_sweep.png")  # as the run's report shows it
+    bi = f"| bi | {data['at_25_percent']['bi']:.2f} | {data['at_25_percent_mc']['bi']:.3f} |"
+    assert "| order | perplexity | MC average | retention |" in section and bi in section
+
+
+def test_single_layer_with_tasks_in_json_plot_and_table(files, data_dir, tmp_path):  # noqa: F811
+    tiny, calib, held = files
+    code, output = run(
+        "analyze", tiny, "--what", "single-layer", "--calibration", calib, "--heldout", held, "--out", tmp_path,
+        "--tasks", "piqa", "--limit", "5", *SMALL,
+    )  # fmt: skip
+    assert code == 0, output
+    data = json.loads((tmp_path / "single_layer.json").read_text())
+    assert data["tasks"][0]["name"] == "piqa" and data["tasks"][0]["items"] == 5 and data["limit"] == 5
+    assert all(0 <= r["mc_acc"] <= 1 and set(r["tasks"]) == {"piqa"} for r in data["layers"])
+    assert "MC acc" in output
+    assert (tmp_path / "single_layer.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_tasks_at_must_be_all_or_25(files):
+    _, calib, held = files
+    with pytest.raises(AnalysisError, match="--tasks-at must be one of all, 25"):
+        settings(calib, held, tasks_at="half")

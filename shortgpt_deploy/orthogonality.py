@@ -1,0 +1,192 @@
+"""`analyze --what orthogonality` (paper Table 2): do layer removal and GPTQ compose independently?
+
+Four checkpoints of one model are measured alike: dense, dense-gptq, pruned and pruned-gptq, each on held-out
+perplexity and multiple-choice accuracy (MMLU by default, as in the paper's table). If the two compressions are
+independent, their costs multiply, so two predictions for pruned-gptq follow from the other three:
+
+- perplexity: pruned × (dense-gptq ÷ dense);
+- retention (MC average ÷ dense MC average × 100): retention(pruned) × retention(dense-gptq) ÷ 100.
+
+The interaction is observed ÷ predicted; 1.0 means no interaction. The accuracy comparison comes with the standard
+error of the observed accuracy, so a difference smaller than it is not called a finding.
+
+MODEL is either a build's run folder that has the four checkpoints (a recipe whose quantize section names
+variants [dense, pruned], as recipes/default.yaml does), or a model: then `pipeline.build` makes them first in
+OUT/checkpoints (BI, 25% of layers removed, GPTQ of both, with the build's defaults), and that run is reused by
+the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ShortGPTError
+
+if TYPE_CHECKING:
+    from .analyze import AnalysisSettings
+
+logger = logging.getLogger(__name__)
+
+FOUR = ("dense", "dense-gptq", "pruned", "pruned-gptq")
+DEFAULT_TASKS = ("mmlu",)
+
+
+class OrthogonalityError(ShortGPTError):
+    """A run folder without the four checkpoints."""
+
+
+def run_variants(run_dir: Path) -> dict[str, Path] | None:
+    """The checkpoint folders a build's run folder has, by variant name; None if it is not a run folder."""
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    variants = json.loads(manifest.read_text()).get("variants") or {}
+    return {name: run_dir / rel for name, rel in variants.items() if (run_dir / rel / "config.json").is_file()}
+
+
+def build_variants(model_spec: str, settings: AnalysisSettings, run_dir: Path, *, progress: bool) -> Path:
+    """The four checkpoints of a model, by the build pipeline (reused when run_dir already has them)."""
+    import yaml
+
+    from .pipeline import build
+    from .recipe import ModelSpec, OutputSpec, PruneSpec, QuantizeSpec, Recipe
+
+    have = run_variants(run_dir) or {}
+    if all(v in have for v in FOUR):
+        logger.info("orthogonality: reusing the checkpoints in %s", run_dir)
+        return run_dir
+    recipe = Recipe(
+        name=f"orthogonality-{run_dir.parent.name}",
+        description="Made by `analyze --what orthogonality`: the four checkpoints of the paper's Table 2.",
+        model=ModelSpec(path=model_spec),
+        calibration=settings.calibration,
+        prune=PruneSpec(metric="bi", ratio=0.25, protect=list(settings.protect)),
+        quantize=QuantizeSpec(variants=["dense", "pruned"], samples=32, seq_len=512),
+        output=OutputSpec(dir=run_dir),
+    )
+    text = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    logger.info("orthogonality: building dense/pruned and their GPTQ checkpoints in %s", run_dir)
+    build(recipe, recipe_text=text, force=True, progress=progress)
+    return run_dir
+
+
+def _retention(acc: float, dense: float) -> float:
+    return 100 * acc / dense
+
+
+def orthogonality_table(evaluated: dict[str, Any]) -> dict[str, Any]:
+    """From evaluate_variants' result for the four: per-variant rows, the predictions, and the interactions."""
+    ppl = {v: evaluated["perplexity"][v]["perplexity"] for v in FOUR}
+    acc = {v: evaluated["accuracy"][v]["average"]["acc"] for v in FOUR}
+    tasks = evaluated["tasks"]
+    rows = {
+        v: {
+            "perplexity": ppl[v],
+            "perplexity_ratio": ppl[v] / ppl["dense"],
+            "mc_acc": acc[v],
+            "retention_pct": _retention(acc[v], acc["dense"]),
+            "tasks": {
+                t: {k: r[k] for k in ("acc", "acc_norm", "acc_stderr", "n") if k in r}
+                for t, r in evaluated["accuracy"][v]["tasks"].items()
+            },
+        }
+        for v in FOUR
+    }
+    predicted_ppl = ppl["pruned"] * ppl["dense-gptq"] / ppl["dense"]
+    predicted_ret = rows["pruned"]["retention_pct"] * rows["dense-gptq"]["retention_pct"] / 100
+    observed_ret = rows["pruned-gptq"]["retention_pct"]
+    stderrs = [r.get("acc_stderr") for r in rows["pruned-gptq"]["tasks"].values()]
+    # the average over tasks of independent estimates: its standard error, in retention points
+    avg_stderr = (sum(s * s for s in stderrs) ** 0.5 / len(stderrs)) if None not in stderrs else None
+    ret_stderr = None if avg_stderr is None else _retention(avg_stderr, acc["dense"])
+    return {
+        "tasks": tasks,
+        "variants": rows,
+        "predicted_if_independent": {"perplexity": predicted_ppl, "retention_pct": predicted_ret},
+        "interaction": {
+            "perplexity": ppl["pruned-gptq"] / predicted_ppl,
+            "retention": observed_ret / predicted_ret,
+            "retention_gap_points": observed_ret - predicted_ret,
+            "retention_stderr_points": ret_stderr,
+        },
+        "verdict": verdict(ppl["pruned-gptq"] / predicted_ppl, observed_ret - predicted_ret, ret_stderr),
+    }
+
+
+def verdict(ppl_interaction: float, gap_points: float, stderr_points: float | None) -> str:
+    """One sentence: how far pruned-gptq is from the independence prediction, on both measures."""
+    ppl_part = f"pruned-gptq perplexity is {ppl_interaction:.2f}× the independence prediction"
+    if stderr_points is None:
+        acc_part = f"its retention is {gap_points:+.1f} points from the prediction"
+    elif abs(gap_points) <= 2 * stderr_points:
+        acc_part = (
+            f"its retention is {gap_points:+.1f} points from the prediction, within 2 standard errors "
+            f"(±{2 * stderr_points:.1f}): no interaction detectable"
+        )
+    else:
+        worse = "worse" if gap_points < 0 else "better"
+        acc_part = (
+            f"its retention is {gap_points:+.1f} points from the prediction ({worse} than independent, beyond 2 "
+            f"standard errors ±{2 * stderr_points:.1f})"
+        )
+    return f"{ppl_part}; {acc_part}."
+
+
+def orthogonality_analysis(
+    model_spec: str, settings: AnalysisSettings, out_dir: Path, *, progress: bool
+) -> dict[str, Any]:
+    """Measure the four checkpoints (building them first when MODEL is not a run folder that has them)."""
+    from .evaluate import evaluate_variants
+    from .tasks import load_task
+
+    tasks = settings.tasks or DEFAULT_TASKS
+    for name in tasks:  # an unknown task or missing data fails before anything is built or loaded
+        load_task(name, limit=settings.limit, shots=settings.shots)
+    given = Path(model_spec)
+    variants = run_variants(given)
+    run_dir = given
+    if variants is None:
+        run_dir = build_variants(model_spec, settings, out_dir / "checkpoints", progress=progress)
+        variants = run_variants(run_dir) or {}
+    missing = [v for v in FOUR if v not in variants]
+    if missing:
+        raise OrthogonalityError(
+            f"{run_dir} has no {', '.join(missing)} checkpoint: build it with a quantize section naming variants "
+            "[dense, pruned] (recipes/default.yaml does), or give analyze the model itself and it builds all four"
+        )
+    evaluated = evaluate_variants(
+        {v: variants[v] for v in FOUR},
+        references={},
+        text=settings.heldout,
+        context_len=settings.context_len,
+        stride=settings.stride,
+        max_tokens=settings.max_tokens,
+        greedy_prompts=0,
+        tasks=tasks,
+        limit=settings.limit,
+        shots=settings.shots,
+        batch_size=settings.batch_size,
+        progress=progress,
+    )
+    layers = {v: json.loads((variants[v] / "config.json").read_text()) for v in FOUR}
+    table = orthogonality_table(evaluated)
+    for v in FOUR:
+        cfg = layers[v].get("text_config", layers[v])
+        table["variants"][v] = {"checkpoint": str(variants[v]), "layers": cfg.get("num_hidden_layers")} | table[
+            "variants"
+        ][v]
+    return {
+        "run_dir": str(run_dir),
+        "heldout": {
+            "text": settings.heldout,
+            "max_tokens": settings.max_tokens,
+            "context_len": settings.context_len,
+            "stride": settings.stride,
+        },
+        "limit": settings.limit,
+        "shots": settings.shots,
+        **table,
+    }
