@@ -299,11 +299,19 @@ def evaluate(
         str | None,
         typer.Option(help="Multiple-choice tasks, comma-separated: mmlu,hellaswag,piqa,boolq,arc_easy,arc_challenge."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="With --tasks: the first N items of each task.")] = None,
-    shots: Annotated[
-        int | None, typer.Option(help="With --tasks: few-shot examples per prompt (default: 5 for mmlu, else 0).")
+    lm_eval_tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="Also lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval` and the Hub).",
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="With --tasks: sequences per forward pass.")] = 8,
+    limit: Annotated[int | None, typer.Option(help="With --tasks/--lm-eval: the first N items of each task.")] = None,
+    shots: Annotated[
+        int | None,
+        typer.Option(help="With --tasks/--lm-eval: few-shot examples per prompt (default: 5 for mmlu, else 0)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="With --tasks/--lm-eval: sequences per forward pass.")] = 8,
     perplexity: Annotated[
         bool | None,
         typer.Option("--perplexity/--no-perplexity", help="Held-out perplexity (default: only without --tasks)."),
@@ -322,10 +330,11 @@ def evaluate(
     from .tasks import parse_task_names
 
     names = parse_task_names(tasks) if tasks is not None else []
-    if not names and (limit is not None or shots is not None):
+    harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+    if not names and not harness and (limit is not None or shots is not None):
         raise ShortGPTError("--limit and --shots apply to multiple-choice tasks: add --tasks, e.g. --tasks piqa")
-    run_ppl = perplexity if perplexity is not None else not names
-    if not run_ppl and not names:
+    run_ppl = perplexity if perplexity is not None else not (names or harness)
+    if not run_ppl and not names and not harness:
         raise ShortGPTError("nothing to evaluate: give --tasks, or drop --no-perplexity")
     ckpt = resolve_checkpoint(model)
     report: dict[str, Any] = {"model": model}
@@ -351,12 +360,18 @@ def evaluate(
             progress=not no_progress,
         )
         # Alone, the JSON is as it always was; beside tasks, perplexity gets its own key.
-        report |= {"perplexity": result.to_dict()} if names else result.to_dict()
+        report |= {"perplexity": result.to_dict()} if names or harness else result.to_dict()
+    if harness:
+        from .harness import run_lm_eval
+
+        report["lm_eval"] = run_lm_eval(ckpt.path, harness, limit=limit, shots=shots, batch_size=batch_size)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     if names:
         _print_tasks(report)
+    if harness:
+        _print_harness(report["lm_eval"], model)
     if run_ppl:
         out.print(
             f"perplexity {result.perplexity:.3f} on {result.num_tokens} tokens of {text} "
@@ -374,6 +389,20 @@ def _print_tasks(report: dict[str, Any]) -> None:
         table.add_row(task, str(r["n"]), str(r["shots"]), acc, norm, f"{r['duration_s']:.1f} s")
     avg = report["average"]
     table.add_row("average", "", "", f"{avg['acc']:.4f}", f"{avg['acc_norm']:.4f}", "")
+    out.print(table)
+
+
+def _print_harness(result: dict[str, Any], model: str) -> None:
+    table = Table(title=f"{result['harness']} on {model} (limit {result['limit']})")
+    for name in ("task", "acc", "acc_norm"):
+        table.add_column(name, justify="left" if name == "task" else "right")
+
+    def cell(r: dict[str, float], m: str) -> str:
+        return "—" if m not in r else f"{r[m]:.4f}" + (f" ± {r[m + '_stderr']:.4f}" if m + "_stderr" in r else "")
+
+    for task, r in result["tasks"].items():
+        table.add_row(task, cell(r, "acc"), cell(r, "acc_norm"))
+    table.add_row("average", cell(result["average"], "acc"), cell(result["average"], "acc_norm"))
     out.print(table)
 
 
