@@ -7,6 +7,8 @@
 - `ratio-sweep` (paper Fig. 5): held-out perplexity (and, with tasks, MC average accuracy) against the number of
   layers removed, for several removal orders (BI, the other metrics, iterative BI, Gromov et al.'s angular block,
   and `ppl_greedy` from greedy.py).
+- `heads` (paper Fig. 6): each attention head ablated alone; held-out perplexity per head.
+- `orthogonality` (paper Table 2): dense, pruned and their GPTQ checkpoints measured alike (orthogonality.py).
 
 Layers are removed with `modeling.layers_removed` (exactly as surgery would, but nothing is written). Each
 analysis writes DIR/<name>.json (settings, results, provenance) and DIR/<name>.png. The calibration text (orders
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ANALYSES = ("single-layer", "ratio-sweep", "metrics", "orthogonality")
+ANALYSES = ("single-layer", "ratio-sweep", "metrics", "orthogonality", "heads")
 TASKS_AT = ("all", "25")
 ORDERS = ("bi", "relative_magnitude", "sequential", "reverse", "angular", "iterative_bi", "ppl_greedy")
 PROTECTION_NOTE = (
@@ -261,6 +263,36 @@ def single_layer_analysis(ctx: Context) -> dict[str, Any]:
     return {"num_layers": ctx.num_layers, "dense": dense, "layers": layers}
 
 
+def heads_analysis(ctx: Context) -> dict[str, Any]:
+    """Paper Fig. 6: each attention head ablated alone (modeling.heads_removed); held-out perplexity per head."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import perplexity
+    from .modeling import attention_heads, heads_removed
+
+    s, (num_heads, _) = ctx.settings, attention_heads(ctx.model)
+    dense = ctx.measure(frozenset(), tasks=False)["perplexity"]
+    grid = [[0.0] * num_heads for _ in range(ctx.num_layers)]
+    pairs = [(i, h) for i in range(ctx.num_layers) for h in range(num_heads)]
+    for i, h in tqdm(pairs, desc="heads", unit="head", disable=not ctx.progress):
+        with heads_removed(ctx.model, {(i, h)}):
+            ids = ctx.heldout_ids()
+            grid[i][h] = perplexity(
+                ctx.model, ids, context_len=s.context_len, stride=s.stride, progress=False
+            ).perplexity
+    increase = [[100 * (p / dense - 1) for p in row] for row in grid]
+    worst = max(pairs, key=lambda ih: grid[ih[0]][ih[1]])
+    return {
+        "num_layers": ctx.num_layers,
+        "num_heads": num_heads,
+        "dense": {"perplexity": dense},
+        "perplexity": grid,
+        "increase_pct": increase,
+        "per_layer_mean_increase_pct": [sum(row) / num_heads for row in increase],
+        "most_important_head": {"layer": worst[0], "head": worst[1], "perplexity": grid[worst[0]][worst[1]]},
+    }
+
+
 def metric_order(values: list[float], protected: frozenset[int]) -> list[int]:
     """Unprotected layers, lowest value first (ties: lower index)."""
     return [i for i in sorted(range(len(values)), key=lambda i: (values[i], i)) if i not in protected]
@@ -354,6 +386,7 @@ ANALYZERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "single-layer": single_layer_analysis,
     "ratio-sweep": ratio_sweep_analysis,
     "metrics": metrics_analysis,
+    "heads": heads_analysis,
 }
 
 
@@ -419,7 +452,7 @@ def run_analysis(
         "analysis": what,
         "model": model_of_run(model_spec),
         "checkpoint": checkpoint,
-        "calibration": ctx.calibration.describe(),
+        "calibration": ctx.calibration.describe() if what != "heads" else None,
         "heldout": {**s.heldout_settings(), "add_bos": ctx.add_bos} if what != "metrics" else None,
         "tasks": (
             [

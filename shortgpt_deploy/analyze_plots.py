@@ -139,11 +139,33 @@ def plot_orthogonality(data: dict[str, Any], path: Path) -> Path:
     return _save_png(fig, path)
 
 
+def plot_heads(data: dict[str, Any], path: Path) -> Path:
+    """A layers × heads heatmap of the perplexity rise (%) when that one head is ablated (log colour scale)."""
+    from matplotlib.colors import SymLogNorm
+
+    plt = _pyplot()
+    rise = data["increase_pct"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * data["num_heads"] + 2.5), max(4.0, 0.22 * len(rise) + 1.5)))
+    image = ax.imshow(
+        rise, aspect="auto", cmap="magma_r", norm=SymLogNorm(linthresh=1.0, vmin=min(0.0, *map(min, rise)))
+    )
+    fig.colorbar(image, ax=ax, label=f"perplexity rise on {data['heldout']['text']} (%)")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(data["num_heads"]))
+    ax.set_yticks(range(0, len(rise), 1 if len(rise) <= 40 else 4))
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"{data['model']}: one attention head ablated", fontsize=10)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 PLOTTERS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "single-layer": plot_single_layer,
     "ratio-sweep": plot_ratio_sweep,
     "metrics": plot_metrics,
     "orthogonality": plot_orthogonality,
+    "heads": plot_heads,
 }
 
 
@@ -194,6 +216,14 @@ def summary_rows(data: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]
         return f"{data['model']}: one layer removed (dense perplexity {dense:.2f})", headers, rows
     if what == "orthogonality":
         return orthogonality_rows(data)
+    if what == "heads":
+        headers = ["layer", *(f"h{h}" for h in range(data["num_heads"])), "mean"]
+        rows = [
+            [str(i), *(f"{x:+.1f}" for x in row), f"{data['per_layer_mean_increase_pct'][i]:+.1f}"]
+            for i, row in enumerate(data["increase_pct"])
+        ]
+        dense = data["dense"]["perplexity"]
+        return f"{data['model']}: perplexity rise (%) with one head ablated (dense {dense:.2f})", headers, rows
     table = data["perplexity_table"]
     headers = ["order", *(f"n={n}" + ("*" if n == data["n_at_25_percent"] else "") for n in data["grid"])]
     rows = [[name, *(f"{t[str(n)]:.4g}" for n in data["grid"])] for name, t in table.items()]
@@ -209,6 +239,7 @@ TITLES = {
     "single-layer": "One layer removed at a time (paper Fig. 3)",
     "ratio-sweep": "Removal orders as more layers go (paper Fig. 5)",
     "orthogonality": "Pruning × GPTQ (paper Table 2)",
+    "heads": "One attention head ablated at a time (paper Fig. 6)",
 }
 
 

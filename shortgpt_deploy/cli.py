@@ -534,8 +534,9 @@ def analyze(
     what: Annotated[
         str,
         typer.Option(
-            help="single-layer (Fig. 3), ratio-sweep (Fig. 5), metrics (Fig. 8) or orthogonality (Table 2: dense, "
-            "pruned and their GPTQ checkpoints; built first when MODEL is not a run folder that has them)."
+            help="single-layer (Fig. 3), ratio-sweep (Fig. 5), metrics (Fig. 8), heads (Fig. 6: one attention head "
+            "ablated at a time) or orthogonality (Table 2: dense, pruned and their GPTQ checkpoints; built first "
+            "when MODEL is not a run folder that has them)."
         ),
     ],
     out_dir: Annotated[
@@ -626,6 +627,9 @@ def analyze(
             out.print(f"  {name:<20} {ppl:10.2f}{acc}")
     if what == "orthogonality":
         out.print(result.data["verdict"])
+    if what == "heads":
+        top = result.data["most_important_head"]
+        out.print(f"most important head: layer {top['layer']} head {top['head']} (perplexity {top['perplexity']:.2f})")
     console.print(f"wrote {result.json_path} and {result.png_path} in {result.data['duration_s']:.0f} s")
     if is_run_folder(str(result.json_path.parent)):
         from .report import write_report

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError, UnsupportedArchitectureError
 
@@ -334,6 +334,43 @@ def layers_removed(model: PreTrainedModel, removed: set[int] | frozenset[int]) -
             setattr(cfg, k, v)
         for m, idx in saved_idx:
             m.layer_idx = idx
+
+
+def attention_heads(model: PreTrainedModel) -> tuple[int, int]:
+    """(query heads per layer, width of each head's slice at the attention output projection's input)."""
+    heads = model.config.get_text_config().num_attention_heads
+    o_proj = decoder_layers(model)[0].self_attn.o_proj
+    return heads, o_proj.in_features // heads
+
+
+@contextlib.contextmanager
+def heads_removed(model: PreTrainedModel, removed: set[tuple[int, int]] | frozenset[tuple[int, int]]) -> Iterator[None]:
+    """Run the model with attention heads (layer, head) ablated: each one's output is zeroed where it enters
+    the layer's output projection (o_proj), so it adds nothing to the residual stream (paper Fig. 6). The other
+    heads, and the keys/values a grouped-query head shares with them, are untouched. Restores on exit."""
+    heads, width = attention_heads(model)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in removed:
+        if not 0 <= head < heads:
+            raise ModelLoadError(f"head {head} out of range: the model has {heads} attention heads per layer")
+        by_layer.setdefault(layer, []).append(head)
+    layers = decoder_layers(model)
+
+    def zero(heads_here: list[int]) -> Any:
+        def hook(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0].clone()
+            for h in heads_here:
+                x[..., h * width : (h + 1) * width] = 0
+            return (x, *args[1:])
+
+        return hook
+
+    handles = [layers[i].self_attn.o_proj.register_forward_pre_hook(zero(hs)) for i, hs in by_layer.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

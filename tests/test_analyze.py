@@ -254,3 +254,41 @@ def test_tasks_at_must_be_all_or_25(files):
     _, calib, held = files
     with pytest.raises(AnalysisError, match="--tasks-at must be one of all, 25"):
         settings(calib, held, tasks_at="half")
+
+
+# ------------------------------------------------------------------------------------------- attention heads
+def test_ablating_a_head_equals_zeroing_its_columns_of_o_proj(files):
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_deploy.modeling import attention_heads, heads_removed
+
+    model = AutoModelForCausalLM.from_pretrained(files[0]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    heads, width = attention_heads(model)
+    assert (heads, width) == (4, 8)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with heads_removed(model, {(1, 2), (3, 0)}):
+            ablated = model(ids).logits
+        assert torch.equal(model(ids).logits, dense)  # restored on exit
+        for layer, head in ((1, 2), (3, 0)):
+            model.model.layers[layer].self_attn.o_proj.weight[:, head * width : (head + 1) * width] = 0
+        by_weights = model(ids).logits
+    assert not torch.allclose(ablated, dense)
+    assert torch.allclose(ablated, by_weights, atol=1e-6)
+
+
+def test_heads_analysis_writes_a_layers_by_heads_grid(files, tmp_path):
+    tiny, calib, held = files
+    code, output = run(
+        "analyze", tiny, "--what", "heads", "--calibration", calib, "--heldout", held, "--out", tmp_path, *SMALL
+    )
+    assert code == 0, output
+    data = json.loads((tmp_path / "heads.json").read_text())
+    assert data["num_heads"] == 4 and len(data["perplexity"]) == 6 and all(len(r) == 4 for r in data["perplexity"])
+    dense = data["dense"]["perplexity"]
+    assert data["increase_pct"][2][1] == pytest.approx(100 * (data["perplexity"][2][1] / dense - 1))
+    top = data["most_important_head"]
+    assert top["perplexity"] == max(max(r) for r in data["perplexity"])
+    assert f"most important head: layer {top['layer']} head {top['head']}" in output
+    assert (tmp_path / "heads.png").read_bytes().startswith(b"\x89PNG")
