@@ -79,7 +79,12 @@ def score(
     model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file, or offline:NAME.")],
     calibration: Annotated[str, typer.Option(help="Text file/folder, austen:NOVEL, or hf:DATASET.")] = "austen:emma",
     out: Annotated[Path, typer.Option(help="Where to write scores.json.")] = Path("scores.json"),
-    metric: Annotated[str, typer.Option(help="bi, relative_magnitude, angular, sequential, reverse.")] = "bi",
+    metric: Annotated[
+        str, typer.Option(help="bi, relative_magnitude, angular, sequential, reverse, ppl_greedy (slow).")
+    ] = "bi",
+    n_remove: Annotated[
+        int | None, typer.Option(help="ppl_greedy only: greedy steps, the most layers `prune` can take (25%).")
+    ] = None,
     samples: Annotated[int, typer.Option(help="Calibration blocks.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per block.")] = 256,
     batch_size: int = 8,
@@ -100,12 +105,14 @@ def score(
         spec = ModelSpec(path=model, dtype=dtype)  # type: ignore[arg-type]
     except ValueError as err:
         raise ShortGPTError(str(err)) from None
-    scores = score_model(spec, calib, metric=metric, out=out, progress=not no_progress)
+    scores = score_model(spec, calib, metric=metric, out=out, n_remove=n_remove, progress=not no_progress)
     _print_scores(scores.scores, scores.removal_order, scores.metric)
     console.print(f"wrote {out} ({scores.calibration['num_tokens']} calibration tokens, {scores.duration_s:.1f} s)")
 
 
 def _print_scores(values: list[float], order: list[int], metric: str, removed: set[int] | None = None) -> None:
+    import math
+
     rank = {layer: r + 1 for r, layer in enumerate(order)}
     table = Table(title=f"{metric} per layer (rank 1 = removed first)")
     table.add_column("layer", justify="right")
@@ -113,8 +120,8 @@ def _print_scores(values: list[float], order: list[int], metric: str, removed: s
     table.add_column("rank", justify="right")
     if removed is not None:
         table.add_column("plan")
-    for i, v in enumerate(values):
-        row = [str(i), f"{v:.5f}", str(rank[i])]
+    for i, v in enumerate(values):  # ppl_greedy scores and ranks only the layers it removed
+        row = [str(i), "–" if math.isnan(v) else f"{v:.5f}", str(rank.get(i, "–"))]
         if removed is not None:
             row.append("[red]remove[/]" if i in removed else "")
         table.add_row(*row)
@@ -155,6 +162,11 @@ def prune(
         )
     except ValueError as err:
         raise ShortGPTError(str(err).split("\n", 1)[-1]) from None
+    if loaded is not None and spec.layers is None:  # a ppl_greedy order ranks only the layers it was asked for
+        from .plan import n_from_ratio, normalize_protected
+
+        n = spec.n_remove or n_from_ratio(float(spec.ratio or 0), loaded.num_layers)
+        loaded.check_covers(n, normalize_protected(spec.protect, loaded.num_layers))
     plan, notes = prune_model(
         ModelSpec(path=model),
         out_dir=out_dir,

@@ -4,10 +4,15 @@ Remove, one at a time, the layer whose removal raises calibration perplexity lea
 candidate after each removal. It is the baseline the cheap one-pass metrics (BI and the others, importance.py) are
 measured against in `analyze --what ratio-sweep`, and a `prune.metric` of its own. Candidates are removed in memory
 (`modeling.layers_removed`); the layers in front of a candidate replay their recorded outputs instead of running.
+
+As a prune metric (`score_greedily`) it scores only the layers it removes: a layer's score is the calibration
+perplexity once it and every layer chosen before it are gone. Layers it never reached, and protected ones, have
+no score (NaN in memory, null in scores.json); `removal_order` is the greedy order and nothing after it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -22,6 +27,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from .calibration import CalibrationSet
+    from .importance import LayerScores
+
+logger = logging.getLogger(__name__)
 
 
 class GreedyError(ShortGPTError):
@@ -127,25 +135,91 @@ def ppl_greedy_order(
 
     start = time.perf_counter()
     num_layers = len(decoder_layers(model))
+    removable = sum(1 for i in range(num_layers) if i not in protected)
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
     passes = 0
-    for _ in tqdm(range(n_remove), desc="ppl_greedy", unit="layer", disable=not progress):
-        candidates = [i for i in range(num_layers) if i not in removed and i not in protected]
-        if not candidates:
-            raise GreedyError(f"only {len(removed)} layers can be removed: the rest are protected")
-        with layers_removed(model, frozenset(removed)):
-            before, outputs = _record(model, calibration)
-        nll = {c: _nll_without(model, calibration, removed, c, outputs) for c in candidates}
-        passes += 1 + len(candidates)
-        choice = min(candidates, key=lambda c: (nll[c], c))
-        removed.append(choice)
-        steps.append(
-            {
-                "removed": choice,
-                "calibration_perplexity_before": math.exp(before),
-                "calibration_perplexity": math.exp(nll[choice]),
-                "candidates": {str(c): math.exp(v) for c, v in nll.items()},
-            }
-        )
+    bar = tqdm(  # counts candidate evaluations, so the rate and the time left are honest (early steps are longest)
+        total=sum(max(removable - k, 0) for k in range(n_remove)),
+        desc="ppl_greedy",
+        unit="candidate",
+        disable=not progress,
+    )
+    with bar:
+        for k in range(n_remove):
+            candidates = [i for i in range(num_layers) if i not in removed and i not in protected]
+            if not candidates:
+                raise GreedyError(f"only {len(removed)} layers can be removed: the rest are protected")
+            with layers_removed(model, frozenset(removed)):
+                before, outputs = _record(model, calibration)
+            nll = {}
+            for c in candidates:
+                nll[c] = _nll_without(model, calibration, removed, c, outputs)
+                bar.update()
+            passes += 1 + len(candidates)
+            choice = min(candidates, key=lambda c: (nll[c], c))
+            removed.append(choice)
+            steps.append(
+                {
+                    "removed": choice,
+                    "calibration_perplexity_before": math.exp(before),
+                    "calibration_perplexity": math.exp(nll[choice]),
+                    "candidates": {str(c): math.exp(v) for c, v in nll.items()},
+                }
+            )
+            logger.info(
+                "ppl_greedy step %d/%d: layer %d (calibration perplexity %.3f → %.3f, best of %d candidates)",
+                k + 1, n_remove, choice, math.exp(before), math.exp(nll[choice]), len(candidates),
+            )  # fmt: skip
+            bar.set_postfix(removed=choice, ppl=f"{math.exp(nll[choice]):.2f}")
     return GreedyOrder(removed, steps, calibration.describe(), passes, time.perf_counter() - start)
+
+
+def score_greedily(
+    model: PreTrainedModel,
+    calibration: CalibrationSet,
+    *,
+    n_remove: int,
+    protected: frozenset[int],
+    model_name: str = "",
+    progress: bool = True,
+) -> LayerScores:
+    """`ppl_greedy` as a prune metric: the greedy order for `n_remove` layers as LayerScores.
+
+    Like iterative scoring, each removal is a step in `iterative` (its "score" is the calibration perplexity after
+    it; "candidates" is every candidate's), so plan.make_plan and the budget follow the steps in order. Only the
+    removed layers are scored (see the module docstring); the plan must not need more than `n_remove` of them.
+    """
+    from .importance import LayerScores
+    from .modeling import decoder_layers
+
+    if n_remove < 1:
+        raise GreedyError(f"ppl_greedy needs at least one step to score, got n_remove={n_remove}")
+    num_layers = len(decoder_layers(model))
+    order = ppl_greedy_order(model, calibration, n_remove=n_remove, protected=protected, progress=progress)
+    scores = [math.nan] * num_layers
+    for step in order.steps:
+        scores[step["removed"]] = step["calibration_perplexity"]
+    steps = [{"removed": s["removed"], "score": s["calibration_perplexity"], **s} for s in order.steps]
+    logger.info(
+        "ppl_greedy: %d layers in %.1f s (%d forward passes over the calibration set, some partial)",
+        n_remove, order.duration_s, order.forward_passes,
+    )  # fmt: skip
+    return LayerScores(
+        metric="ppl_greedy",
+        model=model_name,
+        num_layers=num_layers,
+        scores=scores,
+        removal_order=list(order.removal_order),
+        calibration=order.calibration,
+        iterative=steps,
+        duration_s=order.duration_s,
+        greedy={
+            "scores": "calibration perplexity with this layer and every layer before it in removal_order removed; "
+            "null: not scored (protected, or past the last greedy step)",
+            "dense_calibration_perplexity": order.steps[0]["calibration_perplexity_before"],
+            "steps": n_remove,
+            "protected": sorted(protected),
+            "forward_passes": order.forward_passes,
+        },
+    )

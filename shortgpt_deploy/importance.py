@@ -220,7 +220,11 @@ def collect_stats(
 # -------------------------------------------------------------------------------------------------- scores
 @dataclass
 class LayerScores:
-    """What `shortgpt-deploy score` writes to scores.json."""
+    """What `shortgpt-deploy score` writes to scores.json.
+
+    A score of NaN means "not scored" (ppl_greedy scores only the layers it removes); scores.json writes it as
+    null. `removal_order` then lists only the scored layers, in the order they were chosen.
+    """
 
     metric: str
     model: str
@@ -232,6 +236,7 @@ class LayerScores:
     angular_distance: list[list[float]] | None = None  # [i][j]: mean angular distance of boundaries i < j
     iterative: list[dict[str, Any]] | None = None  # one entry per removal when re-scored after each
     duration_s: float = 0.0
+    greedy: dict[str, Any] | None = None  # ppl_greedy: what the scores mean, dense perplexity, forward passes
 
     def block_distance(self, start: int, n: int) -> float:
         """Angular distance between the input of layer `start` and the output of layer `start + n − 1`."""
@@ -239,10 +244,35 @@ class LayerScores:
             raise PlanError("these scores have no block distances; score with --metric angular")
         return self.angular_distance[start][start + n]
 
+    def check_covers(self, n: int, protected: tuple[int, ...] | frozenset[int]) -> None:
+        """Raise unless the first n removable layers of `removal_order` are ones these scores really chose.
+
+        A greedy order (ppl_greedy) stops after the layers it was asked for, and each of its steps assumes the
+        steps before it: a plan must neither go past its end nor skip a step for a layer protected now.
+        """
+        ranked = [i for i in self.removal_order if i not in protected]
+        steps = [s["removed"] for s in self.iterative or []]
+        last = ranked[n - 1] if 0 < n <= len(ranked) else None
+        used = steps[: steps.index(last) + 1] if last in steps else steps  # the steps the plan relies on
+        skipped = [i for i in used if i in protected]
+        if skipped:
+            raise PlanError(
+                f"layer {skipped[0]} is protected but was removed at step {steps.index(skipped[0]) + 1} of the "
+                f"{self.metric} order, and the later steps were chosen with it gone; score again with the same "
+                "protected layers"
+            )
+        if len(ranked) < n:
+            raise PlanError(
+                f"these {self.metric} scores rank only {len(ranked)} removable layers but the plan removes {n}; "
+                f"score again with --n-remove {n} (or a prune.n_remove / ratio that asks for {n})"
+            )
+
     def save(self, path: Path) -> None:
         import json
 
-        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+        data = asdict(self)
+        data["scores"] = [None if math.isnan(v) else v for v in self.scores]  # JSON has no NaN: null
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> LayerScores:
@@ -250,8 +280,9 @@ class LayerScores:
 
         try:
             data = json.loads(path.read_text())
+            data["scores"] = [math.nan if v is None else v for v in data["scores"]]
             return cls(**data)
-        except (OSError, ValueError, TypeError) as err:
+        except (OSError, ValueError, TypeError, KeyError) as err:
             raise PlanError(f"{path} is not a scores.json written by `shortgpt-deploy score`: {err}") from None
 
 

@@ -27,7 +27,7 @@ from .manifest import Manifest
 from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
 from .plan import LayerPlan, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
-from .recipe import QUANTIZED_SUFFIX, VARIANTS, CalibrationSpec, ModelSpec, PruneSpec, Recipe
+from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, VARIANTS, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
 from .surgery import commit_output, prepare_output, prune_checkpoint, read_config_layers
 
@@ -77,19 +77,40 @@ def _calibrate_and_score(
     manifest.seeds["calibration"] = calib.seed
     num_layers = model.config.get_text_config().num_hidden_layers
     with manifest.timed("score"):
-        if prune.iterative:
-            ratio = prune.budget.max_ratio if prune.budget else prune.ratio
-            n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(ratio), num_layers))
+        if prune.iterative or prune.metric == GREEDY_METRIC:
+            protected = frozenset(normalize_protected(prune.protect, num_layers))
+            n = _layers_to_score(prune, num_layers, protected)
+            if prune.metric == GREEDY_METRIC:
+                from .greedy import score_greedily
+
+                return score_greedily(
+                    model, calibration, n_remove=n, protected=protected, model_name=checkpoint.source,
+                    progress=progress,
+                )  # fmt: skip
             return score_iteratively(
                 model,
                 calibration,
                 metric=prune.metric,
                 n_remove=n,
-                protected=frozenset(normalize_protected(prune.protect, num_layers)),
+                protected=protected,
                 model_name=checkpoint.source,
                 progress=progress,
             )
         return score_layers(model, calibration, metric=prune.metric, model_name=checkpoint.source, progress=progress)
+
+
+def _layers_to_score(prune: PruneSpec, num_layers: int, protected: frozenset[int]) -> int:
+    """How many removals an iterative or greedy scorer must make: what the plan (or the budget, at most) takes."""
+    removable = num_layers - len(protected)
+    if prune.budget is not None:  # the budget never tries more than max_ratio, nor a protected layer
+        return max(1, min(n_from_ratio(prune.budget.max_ratio, num_layers), removable))
+    n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(prune.ratio), num_layers))
+    if n > removable:  # make_plan would refuse it too, but only after the (expensive) scoring
+        raise PlanError(
+            f"cannot remove {n} layers: only {removable} of {num_layers} are not protected "
+            f"(protected: {sorted(protected)}; change prune.protect or --protect)"
+        )
+    return n
 
 
 def _select_budget(
@@ -137,19 +158,34 @@ def _is_quantized(folder: Path) -> bool:
 
 
 def score_model(
-    model_spec: ModelSpec, calib: CalibrationSpec, *, metric: str, out: Path, progress: bool = True
+    model_spec: ModelSpec,
+    calib: CalibrationSpec,
+    *,
+    metric: str,
+    out: Path,
+    n_remove: int | None = None,
+    progress: bool = True,
 ) -> LayerScores:
-    """`shortgpt-deploy score`: per-layer scores of a model, written to `out` (scores.json)."""
-    from .importance import METRICS
+    """`shortgpt-deploy score`: per-layer scores of a model, written to `out` (scores.json).
 
-    if metric not in METRICS:  # before minutes of model loading
-        raise PlanError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    ppl_greedy scores only the layers it removes: `n_remove` of them (default: a quarter of the layers, the
+    paper's ratio), with the default protected layers; the other metrics score every layer and take no n_remove.
+    """
+    from .recipe import PRUNE_METRICS
+
+    if metric not in PRUNE_METRICS:  # before minutes of model loading
+        raise PlanError(f"unknown metric {metric!r}; known: {', '.join(PRUNE_METRICS)}")
+    if n_remove is not None and metric != GREEDY_METRIC:
+        raise PlanError(f"n_remove only applies to {GREEDY_METRIC}: {metric} scores every layer in one pass")
     manifest = Manifest()
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
     model, tokenizer = load_model(
         checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code
     )
-    prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when only scoring
+    if metric == GREEDY_METRIC:
+        prune = PruneSpec(metric=metric, n_remove=n_remove) if n_remove else PruneSpec(metric=metric, ratio=0.25)
+    else:
+        prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when scoring every layer
     scores = _calibrate_and_score(model, tokenizer, checkpoint, model_spec, calib, prune, manifest, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     scores.save(out)

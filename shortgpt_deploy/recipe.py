@@ -7,7 +7,7 @@ silently ignored and producing a different model than the one the user asked for
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,10 @@ from .errors import RecipeError
 MetricName = Literal["bi", "relative_magnitude", "sequential", "reverse", "angular"]
 # Metrics computed from hidden states; only these can be re-scored after each removal.
 FORWARD_METRICS = ("bi", "relative_magnitude", "angular")
+# Not a one-pass metric but a search (greedy.py): calibration perplexity itself, one removal at a time.
+GREEDY_METRIC = "ppl_greedy"
+PruneMetricName = Literal[MetricName, "ppl_greedy"]
+PRUNE_METRICS: tuple[str, ...] = (*get_args(MetricName), GREEDY_METRIC)
 
 
 class _Section(BaseModel):
@@ -98,7 +102,7 @@ class BudgetSpec(_Section):
 
 
 class PruneSpec(_Section):
-    metric: MetricName = "bi"
+    metric: PruneMetricName = "bi"
     n_remove: int | None = Field(default=None, ge=1)
     ratio: float | None = Field(default=None, gt=0, lt=1)
     layers: list[int] | None = Field(default=None, description="Explicit layer indices to remove.")
@@ -115,6 +119,10 @@ class PruneSpec(_Section):
             raise ValueError(f"give exactly one of n_remove, ratio, layers or budget (got {given or 'none'})")
         if self.budget is not None and self.metric == "angular":
             raise ValueError("a budget grows the removal one layer at a time; angular removes one contiguous block")
+        if self.iterative and self.metric == GREEDY_METRIC:
+            raise ValueError(
+                "ppl_greedy already re-evaluates every remaining layer after each removal; drop iterative: true"
+            )
         if self.iterative and self.metric not in FORWARD_METRICS:
             raise ValueError(
                 f"iterative re-scoring needs a metric computed from hidden states ({', '.join(FORWARD_METRICS)}); "

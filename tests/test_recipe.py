@@ -103,6 +103,18 @@ def test_iterative_needs_a_forward_metric():
         parse_recipe(data)
 
 
+def test_ppl_greedy_is_a_prune_metric_that_is_already_iterative():
+    data = base()
+    data["prune"] = {"metric": "ppl_greedy", "n_remove": 3, "protect": [0, 1, -1]}
+    prune = parse_recipe(data).prune
+    assert (prune.metric, prune.iterative, prune.protect) == ("ppl_greedy", False, [0, 1, -1])
+    data["prune"] = {"metric": "ppl_greedy", "budget": {"max_ppl_increase_pct": 20}}
+    assert parse_recipe(data).prune.budget.max_ppl_increase_pct == 20
+    data["prune"] = {"metric": "ppl_greedy", "n_remove": 3, "iterative": True}
+    with pytest.raises(RecipeError, match="ppl_greedy already re-evaluates .* removal; drop iterative: true"):
+        parse_recipe(data)
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
