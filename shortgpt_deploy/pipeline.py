@@ -69,6 +69,10 @@ def _calibrate_and_score(
     *,
     progress: bool,
 ) -> LayerScores:
+    if prune.budget is not None and prune.budget.criterion == "retention":
+        from .budget import load_budget_tasks
+
+        load_budget_tasks(prune.budget)  # missing task data fails before minutes of scoring (preflight did too)
     add_bos = model_spec.add_bos
     if add_bos is None:
         add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
@@ -122,8 +126,9 @@ def _select_budget(
     add_bos: bool | None,
     progress: bool,
 ) -> BudgetResult:
-    """prune.budget: the largest n along the scores' removal order within the perplexity budget (budget.py)."""
-    from .budget import select_by_perplexity
+    """prune.budget: the largest n along the scores' removal order within the perplexity or retention budget
+    (budget.py)."""
+    from .budget import load_budget_tasks, select_by_perplexity, select_by_retention
     from .evaluate import heldout_token_ids
 
     b = prune.budget
@@ -132,13 +137,27 @@ def _select_budget(
     ranked = [s["removed"] for s in scores.iterative] if scores.iterative else scores.removal_order
     order = [i for i in ranked if i not in protected]
     bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    n_max = n_from_ratio(b.max_ratio, scores.num_layers)
+    if b.criterion == "retention":
+        assert b.min_retention_pct is not None
+        result = select_by_retention(
+            model, tokenizer, load_budget_tasks(b), order, min_retention_pct=b.min_retention_pct, n_max=n_max,
+            batch_size=b.batch_size, add_bos=bos,
+        )  # fmt: skip
+        result.settings |= {"limit": b.limit, "metric": scores.metric}
+        logger.info(
+            "budget: %d layers keep %.1f%% of the dense average accuracy on %s (limit %g%%)",
+            result.n_remove, result.retention_by_n[result.n_remove], ", ".join(b.tasks), b.min_retention_pct,
+        )  # fmt: skip
+        return result
+    assert b.max_ppl_increase_pct is not None
     ids = heldout_token_ids(tokenizer, b.text, max_tokens=b.max_tokens, add_bos=bos)
     result = select_by_perplexity(
         model,
         ids,
         order,
         max_increase_pct=b.max_ppl_increase_pct,
-        n_max=n_from_ratio(b.max_ratio, scores.num_layers),
+        n_max=n_max,
         context_len=b.context_len,
         stride=b.stride,
     )
@@ -293,7 +312,8 @@ class QuantizeChoice:
 
 
 def preflight(recipe: Recipe) -> QuantizeChoice | None:
-    """The checks that need no model: the GPTQ scheme can be served where asked, the libraries are installed.
+    """The checks that need no model: the GPTQ scheme can be served where asked, the libraries are installed, the
+    retention budget's task data is there.
 
     `scheme: auto` with `target: auto` on a machine whose vLLM cannot serve any GPTQ checkpoint (an AVX2-only CPU)
     still quantizes, for quality (the orthogonality claim is about quality), with the scheme a GPU serves; the
@@ -322,6 +342,11 @@ def preflight(recipe: Recipe) -> QuantizeChoice | None:
                 f"quantize.target is {where} but the bench serves {', '.join(benched)} on this machine "
                 f"({here}); set quantize.target: auto, or drop them from bench.variants"
             )
+    budget = recipe.prune.budget
+    if budget is not None and budget.criterion == "retention":
+        from .budget import load_budget_tasks
+
+        load_budget_tasks(budget)  # missing multiple-choice data fails before the model loads
     if recipe.bench is not None:
         from .serve import ServeError, load_preset, vllm_installed
 

@@ -87,10 +87,26 @@ class CalibrationSpec(_Section):
         return cls(files=[Path(spec)], **kwargs)
 
 
-class BudgetSpec(_Section):
-    """Remove as many layers (in the metric's order) as keep held-out perplexity within max_ppl_increase_pct."""
+# prune.budget: its default tasks, and the settings that belong to each of its two criteria.
+RETENTION_TASKS = ("piqa", "arc_easy")  # short prompts, 2 and 4 choices: a few hundred forward passes per point
+PERPLEXITY_FIELDS = ("text", "max_tokens", "context_len", "stride")
+RETENTION_FIELDS = ("tasks", "limit", "batch_size")
 
-    max_ppl_increase_pct: float = Field(gt=0, description="Allowed rise of held-out perplexity, in percent.")
+
+class BudgetSpec(_Section):
+    """Remove as many layers (in the metric's order) as keep quality within a bound; exactly one criterion:
+    held-out perplexity (max_ppl_increase_pct) or multiple-choice retention (min_retention_pct)."""
+
+    max_ppl_increase_pct: float | None = Field(
+        default=None, gt=0, description="Allowed rise of held-out perplexity, in percent."
+    )
+    min_retention_pct: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Least multiple-choice retention (pruned average acc ÷ dense average acc × 100) to keep.",
+    )
+    # perplexity criterion
     text: str = Field(
         default="austen:sensesensibility",
         description="Selection text: held out from calibration, and best not the text the report evaluates on.",
@@ -98,7 +114,46 @@ class BudgetSpec(_Section):
     max_tokens: int = Field(default=4096, ge=16)
     context_len: int = Field(default=512, ge=8)
     stride: int = Field(default=256, ge=1)
+    # retention criterion
+    tasks: list[str] = Field(
+        default_factory=lambda: list(RETENTION_TASKS),
+        description="Multiple-choice tasks whose average accuracy is retained (cheap ones by default).",
+    )
+    limit: int = Field(default=100, ge=1, description="First N items of each task (reproducible).")
+    batch_size: int = Field(default=8, ge=1)
     max_ratio: float = Field(default=0.5, gt=0, lt=1, description="Never remove more than this share of layers.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        from .tasks import TaskError, parse_task_names
+
+        if not value:
+            raise ValueError("list at least one task, e.g. [piqa, arc_easy]")
+        try:
+            return parse_task_names(",".join(value))
+        except TaskError as err:
+            raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _one_criterion(self) -> BudgetSpec:
+        given = [k for k in ("max_ppl_increase_pct", "min_retention_pct") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of max_ppl_increase_pct or min_retention_pct (got {given or 'none'})")
+        # A setting of the other criterion would be silently unused: say so instead.
+        other, name = (
+            (RETENTION_FIELDS, "min_retention_pct")
+            if self.max_ppl_increase_pct is not None
+            else (PERPLEXITY_FIELDS, "max_ppl_increase_pct")
+        )
+        stray = [k for k in other if k in self.model_fields_set]
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: only used with {name}, not with {given[0]}")
+        return self
+
+    @property
+    def criterion(self) -> Literal["perplexity", "retention"]:
+        return "perplexity" if self.max_ppl_increase_pct is not None else "retention"
 
 
 class PruneSpec(_Section):
@@ -106,7 +161,9 @@ class PruneSpec(_Section):
     n_remove: int | None = Field(default=None, ge=1)
     ratio: float | None = Field(default=None, gt=0, lt=1)
     layers: list[int] | None = Field(default=None, description="Explicit layer indices to remove.")
-    budget: BudgetSpec | None = Field(default=None, description="Choose the amount by a perplexity budget.")
+    budget: BudgetSpec | None = Field(
+        default=None, description="Choose the amount by a perplexity or multiple-choice retention budget."
+    )
     protect: list[int] = Field(
         default_factory=lambda: [0, -1], description="Layers never removed; negative counts from the end."
     )

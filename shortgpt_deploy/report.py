@@ -244,19 +244,45 @@ def scores_section(run: RunFolder, status: dict[str, str]) -> str:
 
 
 def budget_lines(budget: dict[str, Any] | None) -> list[str]:
-    """prune.budget's choice: how many layers, and every point of the perplexity curve it measured."""
+    """prune.budget's choice: the criterion, how many layers, and every point of the curve it measured."""
     if not budget:
         return []
     st, n = budget.get("settings", {}), budget["n_remove"]
+    if budget.get("criterion", "perplexity") == "retention":
+        return _retention_budget_lines(budget)
     points = sorted((int(k), v) for k, v in budget["ppl_by_n"].items())
     rows = [[str(k), f"{v:.3f}", f"{100 * (v / budget['baseline_ppl'] - 1):+.1f}%", "✓" if v <= budget["limit_ppl"]
              else "over"] for k, v in points]  # fmt: skip
     return [
-        f"The amount was chosen by a budget: {n} layers is the most whose removal (in {st.get('metric', '?')} order) "
-        f"keeps perplexity on {st.get('text', '?')} within +{st.get('max_increase_pct', '?')}% "
-        f"({budget['baseline_ppl']:.3f} → {budget['ppl_by_n'][str(n)]:.3f}, limit {budget['limit_ppl']:.3f}); "
-        f"{len(points)} points measured:",
+        f"The amount was chosen by a perplexity budget: {n} layers is the most whose removal (in "
+        f"{st.get('metric', '?')} order) keeps perplexity on {st.get('text', '?')} within "
+        f"+{st.get('max_increase_pct', '?')}% ({budget['baseline_ppl']:.3f} → {budget['ppl_by_n'][str(n)]:.3f}, "
+        f"limit {budget['limit_ppl']:.3f}); {len(points)} points measured:",
         markdown_table(["layers removed", "perplexity", "change", "within budget"], rows),
+    ]
+
+
+def _retention_budget_lines(budget: dict[str, Any]) -> list[str]:
+    st, n, floor = budget.get("settings", {}), budget["n_remove"], budget["min_retention_pct"]
+    tasks = st.get("tasks") or []
+    points = sorted((int(k), v) for k, v in budget["retention_by_n"].items())
+    acc = budget.get("accuracy_by_n", {})
+
+    def task_acc(k: int, t: str) -> str:
+        return _fmt(acc.get(str(k), {}).get("tasks", {}).get(t, {}).get("acc"), ".3f")
+
+    rows = [[str(k), *(task_acc(k, t) for t in tasks), _fmt(acc.get(str(k), {}).get("average", {}).get("acc"), ".3f"),
+             f"{r:.1f}%", "✓" if r >= floor else "under"] for k, r in points]  # fmt: skip
+    items = ", ".join(f"{t} {c}" for t, c in (st.get("items") or {}).items())
+    chosen = acc.get(str(n), {}).get("average", {}).get("acc")
+    return [
+        f"The amount was chosen by a multiple-choice retention budget: {n} layers is the most whose removal (in "
+        f"{st.get('metric', '?')} order) keeps at least {floor:g}% of the dense model's average accuracy on "
+        f"{', '.join(tasks) or '?'} ({budget['baseline_acc']:.3f} → {_fmt(chosen, '.3f')}, retention "
+        f"{budget['retention_by_n'][str(n)]:.1f}%); {len(points)} points measured, on the first items of each task "
+        f"({items or '?'}). Retention is average acc ÷ dense average acc × 100. These items chose the amount: "
+        "accuracy on the same items in the eval section is not an independent check.",
+        markdown_table(["layers removed", *tasks, "average acc", "retention", "within budget"], rows),
     ]
 
 
