@@ -162,11 +162,6 @@ def prune(
         )
     except ValueError as err:
         raise ShortGPTError(str(err).split("\n", 1)[-1]) from None
-    if loaded is not None and spec.layers is None:  # a ppl_greedy order ranks only the layers it was asked for
-        from .plan import n_from_ratio, normalize_protected
-
-        n = spec.n_remove or n_from_ratio(float(spec.ratio or 0), loaded.num_layers)
-        loaded.check_covers(n, normalize_protected(spec.protect, loaded.num_layers))
     plan, notes = prune_model(
         ModelSpec(path=model),
         out_dir=out_dir,
@@ -227,7 +222,8 @@ def build(
                     "run_dir": str(result.run_dir),
                     "pruned": str(result.pruned_dir) if result.pruned_dir else None,
                     "plan": result.plan.to_dict(),
-                    "scores": result.scores.scores if result.scores else None,
+                    # ppl_greedy leaves unreached layers unscored (NaN); JSON has no NaN: null, as in scores.json
+                    "scores": [None if v != v else v for v in result.scores.scores] if result.scores else None,
                     "stages": result.manifest.stages,
                     "variants": result.manifest.variants,
                     "report": str(result.report) if result.report else None,

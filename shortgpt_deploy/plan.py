@@ -107,6 +107,7 @@ def make_plan(
     if scores.metric == "angular":
         remove, reasons = _angular_block(scores, n, protected)
     else:
+        scores.check_covers(n, protected)  # a greedy order that stops short, or was chosen with other protection
         remove = [i for i in scores.removal_order if i not in protected][:n]
         rank = {layer: r + 1 for r, layer in enumerate(scores.removal_order)}
         how = "chosen after re-scoring" if scores.iterative else "rank"

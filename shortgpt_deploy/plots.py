@@ -22,6 +22,7 @@ METRIC_LABELS = {
     "angular": "Angular distance (arccos/π)",
     "sequential": "Sequential order",
     "reverse": "Reverse order",
+    "ppl_greedy": "Calibration perplexity after removal (greedy)",
 }
 LATENCY_NAMES = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",
                  "e2el": "end-to-end latency"}  # fmt: skip
