@@ -245,7 +245,7 @@ TITLES = {
 
 def markdown_section(data: dict[str, Any], png_name: str) -> str:
     """An analysis's JSON as a report section: the command that made it, its plot, its table, its key lines."""
-    from .report import markdown_table
+    from .serving_tables import markdown_table
 
     title, headers, rows = summary_rows(data)
     command = " ".join(data.get("provenance", {}).get("command", [])[1:])

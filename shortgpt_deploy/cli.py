@@ -249,7 +249,7 @@ def _append_bench_section(path: Path, summary: dict[str, Any]) -> None:
     import shlex
     import time
 
-    from .report import append_markdown, render_markdown
+    from .serving_tables import append_markdown, render_markdown
 
     command = shlex.join(["shortgpt-deploy", *sys.argv[1:]])
     append_markdown(path, render_markdown(summary, command=command, date=time.strftime("%Y-%m-%d %H:%M %Z")))

