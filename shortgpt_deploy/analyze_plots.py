@@ -89,7 +89,9 @@ def plot_single_layer(data: dict[str, Any], path: Path) -> Path:
 
 def plot_ratio_sweep(data: dict[str, Any], path: Path) -> Path:
     """Held-out perplexity (log y) against layers removed, one line per removal order; 25% marked. With tasks, a
-    second panel of MC average accuracy (at every point, or at 0 and 25% only: then drawn as markers)."""
+    second panel of MC average accuracy (at every point, or at 0 and 25% only)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     if data.get("mc_table"):
         fig, (ax, mc_ax) = plt.subplots(1, 2, figsize=(12.0, 4.4), dpi=120)
@@ -105,6 +107,8 @@ def plot_ratio_sweep(data: dict[str, Any], path: Path) -> Path:
     for name, table in data["perplexity_table"].items():
         ax.plot(data["grid"], [table[str(n)] for n in data["grid"]], marker="o", label=ORDER_LABELS.get(name, name))
     ax.axvline(data["n_at_25_percent"], color="0.5", linestyle=":", label="25% of layers")
+    for axis in fig.axes:  # layers removed are whole numbers
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
     ax.set_xlabel(f"layers removed (of {data['num_layers']})")
     ax.set_ylabel(f"perplexity on {data['heldout']['text']} (log)")
