@@ -1,5 +1,5 @@
 """`analyze --what orthogonality`: the four checkpoints of a run measured alike, the independence predictions
-computed from them, and a clear error when a run lacks one. The GPTQ path through `build` is a slow test."""
+computed from them, a clear error when a run lacks one, and a model given instead: built with real GPTQ (~20 s)."""
 
 import json
 import random
@@ -110,7 +110,6 @@ def test_table_predictions_and_verdicts_by_hand():
     assert "from the prediction" in verdict(1.1, -3.0, None)
 
 
-@pytest.mark.slow
 def test_from_a_model_builds_the_four_with_gptq(tmp_path, data_dir):  # noqa: F811
     pytest.importorskip("gptqmodel")
     model = tiny_llama(tmp_path / "model", num_layers=4, hidden_size=128, num_heads=4)
