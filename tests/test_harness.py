@@ -8,23 +8,9 @@ import sys
 import types
 
 import pytest
-from tiny import tiny_llama
-from typer.testing import CliRunner
+from test_tasks import ckpt, run  # noqa: F401  (fixture: a tiny 2-layer checkpoint; the CLI runner)
 
-from shortgpt_deploy.cli import app
 from shortgpt_deploy.harness import parse_results
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_layers=2)
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture
@@ -53,7 +39,7 @@ def fake_harness(monkeypatch):
     return calls
 
 
-def test_without_the_harness_one_clear_error(ckpt, monkeypatch):
+def test_without_the_harness_one_clear_error(ckpt, monkeypatch):  # noqa: F811
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
     code, output = run("eval", ckpt, "--lm-eval", "piqa", "--no-progress")
     assert code == 2
@@ -61,7 +47,7 @@ def test_without_the_harness_one_clear_error(ckpt, monkeypatch):
     assert "lm-evaluation-harness is not installed: `pip install lm-eval`" in flat and "offline, use --tasks" in flat
 
 
-def test_the_loaded_model_and_settings_reach_the_harness(ckpt, fake_harness):
+def test_the_loaded_model_and_settings_reach_the_harness(ckpt, fake_harness):  # noqa: F811
     code, output = run(
         "eval", ckpt, "--lm-eval", "piqa, arc_easy", "--limit", "7", "--shots", "1", "--batch-size", "3", "--json"
     )
