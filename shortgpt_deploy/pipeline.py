@@ -3,7 +3,7 @@ vLLM benchmark → report.
 
 One function per CLI command. The scored and pruned run folder is built in a temporary folder beside the target
 and renamed into place when complete, so an interrupted or failed run leaves no half-written output. The stages
-after it (quantize, eval, bench) each add their own artifact to that folder (`dense-gptq/`, `pruned-gptq/`,
+after it (quantize, eval, bench: stages.py) each add their own artifact to that folder (`dense-gptq/`, `pruned-gptq/`,
 `quantize.json`, `eval.json`, `bench/`), also written completely or not at all; a stage that fails is recorded in
 manifest.json and the report, the ones after it still run where they can, and the build then fails with a
 message naming every failed stage. Nothing a stage finished is lost.
@@ -27,8 +27,9 @@ from .manifest import Manifest
 from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
 from .plan import LayerPlan, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
-from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, VARIANTS, CalibrationSpec, ModelSpec, PruneSpec, Recipe
+from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
+from .stages import LATER_STAGES, STAGE_FUNCTIONS
 from .surgery import commit_output, prepare_output, prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:
@@ -37,11 +38,6 @@ if TYPE_CHECKING:
     from .budget import BudgetResult
 
 logger = logging.getLogger(__name__)
-
-
-# Which checkpoint each variant's greedy output is compared with in eval.json.
-REFERENCES = {"pruned": "dense", "dense-gptq": "dense", "pruned-gptq": "pruned"}
-LATER_STAGES = ("quantize", "eval", "bench")
 
 
 class BuildIncompleteError(ShortGPTError):
@@ -432,120 +428,3 @@ def score_and_prune(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(run_dir, scores, plan, pruned, manifest)
-
-
-# ---------------------------------------------------------------------------------------- later stages
-def variant_dir(run_dir: Path, manifest: Manifest, name: str) -> Path:
-    return run_dir / manifest.variants[name]  # an absolute path stays as it is
-
-
-def _quantize(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
-    """GPTQ of each float checkpoint the quantize section names, calibrated on the recipe's calibration text."""
-    from .quantize import quantize_checkpoint
-
-    q, choice = recipe.quantize, manifest.inputs["quantize"]  # settled by preflight
-    assert q is not None
-    calib = recipe.calibration.model_copy(
-        update={"samples": q.samples, "seq_len": q.seq_len, "batch_size": q.batch_size}
-    )
-    results: dict[str, dict] = {}
-    for source in q.variants:
-        name = source + QUANTIZED_SUFFIX
-        with manifest.timed(f"quantize_{source}"):
-            result = quantize_checkpoint(
-                variant_dir(run_dir, manifest, source),
-                out_dir=run_dir / name,
-                scheme=choice["scheme"],
-                target=choice["target"],
-                calibration=calib,
-                add_bos=recipe.model.add_bos,
-            )
-        results[name] = result.to_dict() | {"out_dir": name, "source": source}
-        manifest.variants[name] = name
-        atomic_write_text(run_dir / "quantize.json", json.dumps(results, indent=2) + "\n")
-        manifest.save(run_dir / "manifest.json")
-    done = ", ".join(f"{n}: {r['scheme']} g{r['group_size']} in {r['duration_s']:.0f} s" for n, r in results.items())
-    return "; ".join(x for x in (done, choice["note"]) if x)
-
-
-def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
-    """Perplexity of every checkpoint the run has, and greedy agreement with each one's reference."""
-    from .evaluate import evaluate_variants
-    from .manifest import git_revision, machine, package_versions
-
-    e = recipe.eval
-    assert e is not None
-    models = {n: variant_dir(run_dir, manifest, n) for n in VARIANTS if n in manifest.variants}
-    result = evaluate_variants(
-        models,
-        references={v: r for v, r in REFERENCES.items() if v in models and r in models},
-        text=e.text,
-        context_len=e.context_len,
-        stride=e.stride,
-        max_tokens=e.max_tokens,
-        greedy_prompts=e.greedy_prompts,
-        greedy_tokens=e.greedy_tokens,
-        add_bos=recipe.model.add_bos,
-        dtype=recipe.model.dtype,
-        tasks=e.tasks,
-        limit=e.limit,
-        batch_size=e.batch_size,
-        generation_probe=e.generation_probe,
-        progress=progress,
-    )
-    result["models"] = {n: str(p) for n, p in models.items()}
-    result["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision()}
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    acc = {n: a["average"]["acc"] for n, a in result.get("accuracy", {}).items()}
-    return ", ".join(
-        f"{n} ppl {r['perplexity']:.1f}" + (f" acc {acc[n]:.3f}" if n in acc else "")
-        for n, r in result["perplexity"].items()
-    )
-
-
-def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
-    """vLLM's load generator against each variant of the bench section, with the serve section's settings."""
-    from . import bench as b
-    from .serve import ServeOptions, fit_to_model, load_preset, options_for
-
-    spec = recipe.bench
-    assert spec is not None
-    left_out = {v: "not built" for v in spec.variants if v not in manifest.variants}
-    if not manifest.inputs.get("quantize", {}).get("servable_here", True):
-        left_out |= {v: "not servable here" for v in spec.variants if v.endswith(QUANTIZED_SUFFIX)}
-    variants = [b.Variant(v, model_dir=variant_dir(run_dir, manifest, v)) for v in spec.variants if v not in left_out]
-    if left_out:
-        logger.warning("bench: leaving out %s", ", ".join(f"{v} ({why})" for v, why in left_out.items()))
-    if not variants:
-        raise b.BenchError("no variant of the bench section can be benchmarked: " + ", ".join(left_out))
-    serve = recipe.serve
-    preset = load_preset(serve.preset if serve else None)
-    overrides = serve.model_dump(exclude={"preset"}) if serve else {}
-
-    def options(variant: b.Variant, port: int) -> ServeOptions:
-        assert variant.model_dir is not None
-        opts = options_for(
-            variant.model_dir, variant=variant.name, preset=preset, overrides=overrides, port=port,
-            served_model_name=variant.name,
-        )  # fmt: skip
-        return fit_to_model(opts)
-
-    workload = b.Workload(
-        input_len=spec.input_len,
-        output_len=spec.output_len,
-        num_prompts=spec.num_prompts,
-        seed=spec.seed,
-        dataset_path=spec.dataset,
-        levels=b.levels_from(
-            ",".join(map(str, spec.concurrency)) if spec.concurrency else None,
-            ",".join(map(str, spec.request_rates_per_s)) if spec.request_rates_per_s else None,
-        ),
-        num_warmups=spec.warmups,
-        repeats=spec.repeats,
-        slos=tuple(b.parse_slo(x) for x in spec.slos),
-    )
-    b.run_benchmark(variants, workload, out_dir=run_dir, timeout_s=spec.timeout_s, options=options)
-    return "; ".join(f"without {v}: {why}" for v, why in left_out.items())
-
-
-STAGE_FUNCTIONS = {"quantize": _quantize, "eval": _eval, "bench": _bench}
