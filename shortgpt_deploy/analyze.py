@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .calibration import CalibrationSet
+    from .evaluate import Perplexity
     from .importance import LayerScores
     from .recipe import CalibrationSpec
     from .tasks import LoadedTask
@@ -195,10 +196,19 @@ class Context:
             self._heldout = heldout_token_ids(self.tokenizer, s.heldout, max_tokens=s.max_tokens, add_bos=self.add_bos)
         return self._heldout
 
+    def heldout_perplexity(self) -> Perplexity:
+        """Held-out perplexity of the model as it stands (inside layers_removed or heads_removed)."""
+        from .evaluate import perplexity
+
+        s = self.settings
+        return perplexity(
+            self.model, self.heldout_ids(), context_len=s.context_len, stride=s.stride, text=s.heldout, progress=False
+        )
+
     def measure(self, removed: set[int] | frozenset[int], *, tasks: bool = True) -> dict[str, Any]:
         """Held-out perplexity of the model with `removed` layers gone, and (if `tasks` and the settings name tasks)
         each task's acc/acc_norm and their averages `mc_acc`/`mc_acc_norm`."""
-        from .evaluate import perplexity, run_tasks
+        from .evaluate import run_tasks
         from .modeling import layers_removed
 
         key = frozenset(removed)
@@ -206,14 +216,7 @@ class Context:
         s = self.settings
         with layers_removed(self.model, key):
             if "perplexity" not in row:
-                ppl = perplexity(
-                    self.model,
-                    self.heldout_ids(),
-                    context_len=s.context_len,
-                    stride=s.stride,
-                    text=s.heldout,
-                    progress=False,
-                )
+                ppl = self.heldout_perplexity()
                 row |= {"perplexity": ppl.perplexity, "nll_per_token": ppl.nll_per_token}
             if tasks and self.tasks and "mc_acc" not in row:
                 got = run_tasks(
@@ -267,19 +270,15 @@ def heads_analysis(ctx: Context) -> dict[str, Any]:
     """Paper Fig. 6: each attention head ablated alone (modeling.heads_removed); held-out perplexity per head."""
     from tqdm.auto import tqdm
 
-    from .evaluate import perplexity
     from .modeling import attention_heads, heads_removed
 
-    s, (num_heads, _) = ctx.settings, attention_heads(ctx.model)
+    num_heads, _ = attention_heads(ctx.model)
     dense = ctx.measure(frozenset(), tasks=False)["perplexity"]
     grid = [[0.0] * num_heads for _ in range(ctx.num_layers)]
     pairs = [(i, h) for i in range(ctx.num_layers) for h in range(num_heads)]
     for i, h in tqdm(pairs, desc="heads", unit="head", disable=not ctx.progress):
         with heads_removed(ctx.model, {(i, h)}):
-            ids = ctx.heldout_ids()
-            grid[i][h] = perplexity(
-                ctx.model, ids, context_len=s.context_len, stride=s.stride, progress=False
-            ).perplexity
+            grid[i][h] = ctx.heldout_perplexity().perplexity
     increase = [[100 * (p / dense - 1) for p in row] for row in grid]
     worst = max(pairs, key=lambda ih: grid[ih[0]][ih[1]])
     return {

@@ -39,12 +39,13 @@ class OrthogonalityError(ShortGPTError):
 
 
 def run_variants(run_dir: Path) -> dict[str, Path] | None:
-    """The checkpoint folders a build's run folder has, by variant name; None if it is not a run folder."""
-    manifest = run_dir / "manifest.json"
-    if not manifest.is_file():
+    """The checkpoint folders a build's run folder has, by variant name (as its report finds them); None if it is
+    not a run folder."""
+    from .report import load_run, variant_folders
+
+    if not (run_dir / "manifest.json").is_file():
         return None
-    variants = json.loads(manifest.read_text()).get("variants") or {}
-    return {name: run_dir / rel for name, rel in variants.items() if (run_dir / rel / "config.json").is_file()}
+    return {name: p for name, p in variant_folders(load_run(run_dir)).items() if (p / "config.json").is_file()}
 
 
 def build_variants(model_spec: str, settings: AnalysisSettings, run_dir: Path, *, progress: bool) -> Path:
