@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from typing import Any
 
 from .errors import ShortGPTError
 from .manifest import git_revision, machine, package_versions
+from .processes import spawn, stop_group
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
 from .surgery import read_config_layers, read_layer_tensors, text_config
 
@@ -282,15 +282,13 @@ def run_one(plan: Plan, rec: RunRecord, target: Target, level: Level) -> None:
     logger.info("repeat %d, %s at %s: vllm bench serve (log: %s)", rec.repeat, rec.variant, rec.level, log_path)
     start, argv = time.monotonic(), bench_argv(plan, target, level, result.name)
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn(argv, log=log)
         try:
             rc: int | None = proc.wait(timeout=plan.timeout_s)
         except subprocess.TimeoutExpired:
             rc = None
         finally:  # the client has its own session, so Ctrl-C does not reach it
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, grace_s=0)
     rec.duration_s, rec.load_1min = round(time.monotonic() - start, 2), round(os.getloadavg()[0], 2)
     if rc == 0 and result.is_file():
         failed = json.loads(result.read_text()).get("failed", 0)

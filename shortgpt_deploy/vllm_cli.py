@@ -39,6 +39,9 @@ def _patch_version(cpu_version: str) -> None:
 
 
 def main() -> int:
+    from .processes import die_with_parent
+
+    die_with_parent()  # stop when the command that started us is gone, even killed with SIGKILL
     cpu_version = cpu_build_version()
     if cpu_version is not None:
         _patch_version(cpu_version)
