@@ -43,18 +43,23 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def handles_errors(fn: F) -> F:
-    """Turn project errors into one red line and exit code 2; Ctrl-C into exit code 130."""
+    """Turn project errors into one red line and exit code 2; Ctrl-C, SIGTERM and SIGHUP into 128 + the signal's
+    number, after every clean-up ran (servers stopped, temporary folders removed)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .processes import exit_code_of, raise_on_termination
+
+        raise_on_termination()
         try:
             return fn(*args, **kwargs)
         except ShortGPTError as err:
             console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted; nothing was left half-written[/]")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:
+            what = str(err) or "interrupted"
+            console.print(f"[yellow]{what}: stopped what we started; nothing was left half-written[/]")
+            raise typer.Exit(exit_code_of(err)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -420,7 +425,17 @@ def serve(
     model_dir: Annotated[Path, typer.Argument(help="A checkpoint folder, e.g. runs/NAME/pruned.")],
     port: int = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
-    api_key: Annotated[str | None, typer.Option(help="Require this bearer token.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VLLM_API_KEY",
+            show_envvar=True,
+            help="Require this bearer token (better: the variable "
+            "or --api-key-file, which keep it out of `ps` and shell history).",
+        ),
+    ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="Read the bearer token from this file.")] = None,
+    public_metrics: Annotated[bool, typer.Option(help="With a key: leave /metrics open, as vLLM does.")] = False,
     preset: Annotated[
         str | None, typer.Option(help="serving/NAME.yaml (cpu, gpu, gpu-tp2) or a YAML path; default: cpu or gpu.")
     ] = None,
@@ -439,16 +454,22 @@ def serve(
     _setup_logging(verbose)
     import time
 
-    from .serve import VLLMServer, curl_example, load_preset, options_for
+    from .serve import VLLMServer, curl_example, exposure_warnings, load_preset, mask, options_for, read_api_key
 
     given = {"max_model_len": max_model_len, "dtype": dtype, "kv_cache_gib": kv_cache_gib, "cpu_cores": cpu_cores}
+    key = read_api_key(api_key, api_key_file)
     opts = options_for(
         model_dir, variant=model_dir.name, preset=load_preset(preset), overrides=given, host=host, port=port,
-        api_key=api_key,
+        api_key=key, public_metrics=public_metrics,
     )  # fmt: skip
+    for warning in exposure_warnings(opts):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"starting vLLM on {model_dir} (log: {log}); this takes about a minute on a small CPU")
     with VLLMServer(opts, log) as server:
         out.print(f"serving {model_dir} at {opts.url}/v1  (Ctrl-C stops it)")
+        if key:
+            guarded = "/v1" + ("" if public_metrics else " and /metrics")
+            out.print(f"{guarded} need the API key {mask(key)}; export VLLM_API_KEY=<key> for the example below")
         out.print(curl_example(opts), soft_wrap=True)
         while server.alive():
             time.sleep(1.0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from types import TracebackType
 
 from .errors import ModelLoadError, ShortGPTError
 from .modeling import is_gptq_folder
+from .processes import spawn, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class ServeOptions:
     model_dir: Path
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = None  # passed to vLLM in its environment (VLLM_API_KEY), never on a command line
+    public_metrics: bool = False  # with an API key: leave /metrics open (vLLM's own default) instead of guarded
     served_model_name: str | None = None
     dtype: str = "auto"  # auto: float32 on CPUs without AVX-512 bf16, where it served ~4.6x faster than bf16
     max_model_len: int = 2048
@@ -130,7 +131,8 @@ def vllm_argv(opts: ServeOptions) -> list[str]:
     if dtype == "auto" and not gpu:
         # vLLM refuses float32 for GPTQ checkpoints; their activations run in bf16 on the CPU.
         dtype = "bfloat16" if is_gptq_folder(opts.model_dir) else cpu_dtype()
-    argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", str(opts.model_dir)]
+    # The model by its folder name: the server runs in the parent folder (see VLLMServer.start).
+    argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", Path(opts.model_dir).resolve().name]
     argv += [
         "--host",
         opts.host,
@@ -141,9 +143,9 @@ def vllm_argv(opts: ServeOptions) -> list[str]:
         "--max-model-len",
         str(opts.max_model_len),
     ]
-    argv += ["--served-model-name", opts.served_model_name or opts.model_dir.name]
-    if opts.api_key:
-        argv += ["--api-key", opts.api_key]
+    argv += ["--served-model-name", served_name(opts)]
+    if opts.api_key and not opts.public_metrics:
+        argv += ["--middleware", METRICS_GUARD]
     if gpu and opts.tensor_parallel_size > 1:
         argv += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
     if gpu and opts.pipeline_parallel_size > 1:
@@ -151,8 +153,55 @@ def vllm_argv(opts: ServeOptions) -> list[str]:
     return argv + list(opts.extra_args)
 
 
+def served_name(opts: ServeOptions) -> str:
+    return opts.served_model_name or Path(opts.model_dir).resolve().name
+
+
+# vLLM guards only /v1 and a few other prefixes with its API key; this ASGI middleware guards /metrics too.
+METRICS_GUARD = "shortgpt_deploy.metrics_guard.MetricsGuard"
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def exposure_warnings(opts: ServeOptions) -> list[str]:
+    """What a server reachable from other machines exposes, as sentences that say how to close it."""
+    if opts.host.startswith(LOOPBACK):
+        return []
+    if not opts.api_key:
+        return [
+            f"--host {opts.host} serves to every machine that can reach this one, and no API key is set: anyone can "
+            "use the model. Set one with --api-key-file FILE or the VLLM_API_KEY environment variable, or bind "
+            "127.0.0.1."
+        ]
+    if opts.public_metrics:
+        return [f"/metrics on {opts.host} answers without the API key (--public-metrics)"]
+    return []
+
+
+def read_api_key(key: str | None, key_file: Path | None) -> str | None:
+    """The key from --api-key (or VLLM_API_KEY) or from a file's first line; not both."""
+    if key_file is None:
+        return key or None
+    if key:
+        raise ServeError("give the API key once: --api-key (or VLLM_API_KEY) or --api-key-file, not both")
+    try:
+        lines = Path(key_file).read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ServeError(f"cannot read the API key file {key_file}: {err}; give a text file holding the key") from None
+    if not lines or not lines[0].strip():
+        raise ServeError(f"the API key file {key_file} is empty; write the key on its first line")
+    return lines[0].strip()
+
+
+def mask(secret: str) -> str:
+    """Enough of a key to tell two apart in a log, not enough to use it."""
+    return "****" if len(secret) < 12 else f"{secret[:3]}…{secret[-2:]} ({len(secret)} characters)"
+
+
 def server_env(opts: ServeOptions) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("VLLM_API_KEY", None)  # only the key of these options, or none
+    if opts.api_key:
+        env["VLLM_API_KEY"] = opts.api_key  # vLLM reads it there; a command line is visible to every user in `ps`
     if not on_gpu():
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", opts.cpu_cores or default_cores())
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.kv_cache_gib))
@@ -202,15 +251,20 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         check_model_dir(self.opts.model_dir)
         check_port_free(self.opts.host, self.opts.port)
+        for warning in exposure_warnings(self.opts):
+            logger.warning("%s", warning)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = vllm_argv(self.opts)
         logger.info("starting vLLM: %s", " ".join(argv))
         with self.log_path.open("wb") as log:
-            # A new session: the whole process tree (API server, engine core, workers) can be signalled at once.
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(self.opts), start_new_session=True
-            )
-        self.wait_ready()
+            # The model is named relative to its parent folder, so that /v1/models (its `root` field) shows the
+            # folder's name, not where it lives on this machine.
+            self.proc = spawn(argv, log=log, env=server_env(self.opts), cwd=Path(self.opts.model_dir).resolve().parent)
+        try:
+            self.wait_ready()
+        except BaseException:  # Ctrl-C or SIGTERM while starting: `with` never reaches __exit__, so stop here
+            self.stop()
+            raise
         return self
 
     def wait_ready(self) -> None:
@@ -218,7 +272,6 @@ class VLLMServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.stop()  # the engine or workers it forked may still be running
                 raise ServeError(
                     f"vLLM exited with code {self.proc.returncode} while starting {self.opts.model_dir}; "
                     f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
@@ -227,7 +280,6 @@ class VLLMServer:
                 logger.info("vLLM ready at %s", self.opts.url)
                 return
             time.sleep(1.0)
-        self.stop()
         raise ServeError(
             f"vLLM did not become ready within {self.startup_timeout_s:.0f} s; last lines of {self.log_path}:\n"
             f"{log_tail(self.log_path)}"
@@ -248,15 +300,7 @@ class VLLMServer:
         since its engine and worker processes may not have."""
         if self.proc is None:
             return
-        pgid = self.proc.pid  # start_new_session: the server leads its own process group
-        if self.proc.poll() is None:
-            os.killpg(pgid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
-                self.proc.wait()  # reap it, or the group never looks empty
-        _kill_group(pgid)  # engine and workers that outlived the API server
+        stop_group(self.proc, grace_s=timeout_s)
         logger.info("vLLM stopped")
 
     def __enter__(self) -> VLLMServer:
@@ -266,21 +310,8 @@ class VLLMServer:
         self.stop()
 
 
-def _kill_group(pgid: int, timeout_s: float = 10.0) -> None:
-    """SIGKILL what is left of a process group and wait until the kernel reports it gone."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    logger.warning("processes of group %d still present after SIGKILL", pgid)
-
-
 def curl_example(opts: ServeOptions) -> str:
-    body = json.dumps(
-        {"model": opts.served_model_name or opts.model_dir.name, "prompt": "Once upon a time", "max_tokens": 32}
-    )
-    auth = f" -H 'Authorization: Bearer {opts.api_key}'" if opts.api_key else ""
+    """A request to try the server; the key stays out of it (the shell fills in $VLLM_API_KEY)."""
+    body = json.dumps({"model": served_name(opts), "prompt": "Once upon a time", "max_tokens": 32})
+    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if opts.api_key else ""
     return f"curl {opts.url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"

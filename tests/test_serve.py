@@ -1,5 +1,6 @@
 """Serving: the server's command line, its errors, and a real vLLM server answering like transformers."""
 
+import asyncio
 import json
 import os
 import signal
@@ -14,12 +15,17 @@ from tiny import tiny_llama
 from shortgpt_deploy.errors import ModelLoadError
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.serve import (
+    METRICS_GUARD,
     SERVING_DIR,
     ServeError,
     ServeOptions,
     VLLMServer,
+    curl_example,
+    exposure_warnings,
     load_preset,
+    mask,
     options_for,
+    read_api_key,
     server_env,
     vllm_argv,
 )
@@ -33,11 +39,85 @@ def free_port() -> int:
 
 
 def test_argv_binds_loopback_and_uses_our_entry_point(tmp_path):
-    argv = vllm_argv(ServeOptions(model_dir=tmp_path / "m", port=8123, api_key="k"))
+    argv = vllm_argv(ServeOptions(model_dir=tmp_path / "m", port=8123, api_key="secret-key-123"))
     assert argv[1:4] == ["-m", "shortgpt_deploy.vllm_cli", "serve"]
+    assert argv[4] == "m"  # the folder's name, never its absolute path (it shows in /v1/models)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--api-key") + 1] == "k"
+    assert argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--served-model-name") + 1] == "m"
     assert argv[argv.index("--dtype") + 1] in ("float32", "bfloat16", "auto")
+    # The key travels in the environment: a command line is visible to every local user in `ps`.
+    assert "--api-key" not in argv and not any("secret-key-123" in a for a in argv)
+    assert argv[argv.index("--middleware") + 1] == METRICS_GUARD
+
+
+def test_api_key_only_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "inherited")
+    assert server_env(ServeOptions(model_dir=tmp_path, api_key="mine"))["VLLM_API_KEY"] == "mine"
+    assert "VLLM_API_KEY" not in server_env(ServeOptions(model_dir=tmp_path))  # no stale key from the shell
+    assert "--middleware" not in vllm_argv(ServeOptions(model_dir=tmp_path, api_key="k", public_metrics=True))
+    assert "--middleware" not in vllm_argv(ServeOptions(model_dir=tmp_path))
+
+
+def test_exposure_warnings(tmp_path):
+    assert exposure_warnings(ServeOptions(model_dir=tmp_path)) == []
+    assert exposure_warnings(ServeOptions(model_dir=tmp_path, host="localhost")) == []
+    (open_to_all,) = exposure_warnings(ServeOptions(model_dir=tmp_path, host="0.0.0.0"))
+    assert "no API key" in open_to_all and "--api-key-file" in open_to_all and "VLLM_API_KEY" in open_to_all
+    assert exposure_warnings(ServeOptions(model_dir=tmp_path, host="0.0.0.0", api_key="k")) == []
+    (metrics,) = exposure_warnings(ServeOptions(model_dir=tmp_path, host="10.0.0.5", api_key="k", public_metrics=True))
+    assert "/metrics" in metrics
+
+
+def test_read_api_key(tmp_path):
+    assert read_api_key("k", None) == "k" and read_api_key(None, None) is None and read_api_key("", None) is None
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert read_api_key(None, key_file) == "from-file"
+    with pytest.raises(ServeError, match="not both"):
+        read_api_key("k", key_file)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ServeError, match="empty"):
+        read_api_key(None, tmp_path / "empty")
+    with pytest.raises(ServeError, match="cannot read"):
+        read_api_key(None, tmp_path / "missing")
+
+
+def test_mask_and_curl_keep_the_key_out():
+    key = "sk-0123456789abcdef"
+    assert key not in mask(key) and "sk-" in mask(key) and mask("short") == "****"
+    opts = ServeOptions(model_dir=Path("/somewhere/pruned"), api_key=key)
+    example = curl_example(opts)
+    assert key not in example and "$VLLM_API_KEY" in example and '"model": "pruned"' in example
+
+
+def _asgi_status(app, path: str, headers: list[tuple[bytes, bytes]]) -> int:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "headers": headers, "method": "GET"}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_metrics_guard(monkeypatch):
+    from shortgpt_deploy.metrics_guard import MetricsGuard
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    monkeypatch.setenv("VLLM_API_KEY", "right")
+    guard = MetricsGuard(inner)
+    assert _asgi_status(guard, "/metrics", []) == 401
+    assert _asgi_status(guard, "/metrics", [(b"authorization", b"Bearer wrong")]) == 401
+    assert _asgi_status(guard, "/metrics", [(b"authorization", b"Bearer right")]) == 200
+    assert _asgi_status(guard, "/health", []) == 200  # only /metrics is ours to guard
 
 
 def test_env_binds_all_our_cores(tmp_path, monkeypatch):
