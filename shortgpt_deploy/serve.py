@@ -108,7 +108,25 @@ def options_for(
     merged.update({k: v for k, v in overrides.items() if k in PRESET_FIELDS and v not in (None, [])})
     if "extra_args" in merged:
         merged["extra_args"] = tuple(str(a) for a in merged["extra_args"])
+        check_extra_args(merged["extra_args"])
     return ServeOptions(Path(model_dir), **merged, **fixed)  # type: ignore[arg-type]
+
+
+# Flags `serve` sets itself: given again in extra_args they would override ours (and --api-key would put the key
+# on a command line).
+OWN_FLAGS = {
+    "--api-key": "--api-key-file FILE or the VLLM_API_KEY variable",
+    "--host": "the serve command's --host",
+    "--port": "the serve command's --port",
+    "--served-model-name": "the folder's name, which is what the model is served as",
+}
+
+
+def check_extra_args(args: tuple[str, ...]) -> None:
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWN_FLAGS:
+            raise ServeError(f"extra_args may not set {flag}: use {OWN_FLAGS[flag]} instead")
 
 
 def fit_to_model(opts: ServeOptions) -> ServeOptions:

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def test_api_key_only_in_the_environment(tmp_path, monkeypatch):
     assert "VLLM_API_KEY" not in server_env(ServeOptions(model_dir=tmp_path))  # no stale key from the shell
     assert "--middleware" not in vllm_argv(ServeOptions(model_dir=tmp_path, api_key="k", public_metrics=True))
     assert "--middleware" not in vllm_argv(ServeOptions(model_dir=tmp_path))
+
+
+@pytest.mark.parametrize("arg", ["--api-key", "--api-key=k", "--host", "--port"])
+def test_extra_args_cannot_take_over_our_flags(tmp_path, arg):
+    preset = {"defaults": {"extra_args": ["--enforce-eager", arg, "x"]}, "variants": {}}
+    with pytest.raises(ServeError, match=f"extra_args may not set {arg.split('=')[0]}"):
+        options_for(tmp_path, variant="pruned", preset=preset, overrides={})
 
 
 def test_exposure_warnings(tmp_path):
@@ -186,7 +194,16 @@ def test_server_that_dies_while_starting_reports_its_log(tmp_path):
         os.killpg(server.proc.pid, 0)
 
 
-def completion(url: str, model: str, prompt: list[int], n: int) -> list[int]:
+def get(url: str, key: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+
+
+def completion(url: str, model: str, prompt: list[int], n: int, key: str | None = None) -> list[int]:
     body = {
         "model": model,
         "prompt": prompt,
@@ -195,9 +212,8 @@ def completion(url: str, model: str, prompt: list[int], n: int) -> list[int]:
         "ignore_eos": True,
         "return_token_ids": True,
     }
-    req = urllib.request.Request(
-        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())["choices"][0]["token_ids"]
 
@@ -220,16 +236,35 @@ def test_served_pruned_model_answers_like_transformers(tmp_path):
         )
         expected.append(gen[0, len(p) :].tolist())
 
+    key = "test-key-0123456789"
     opts = ServeOptions(
-        model_dir=out, port=free_port(), dtype="float32", max_model_len=256, kv_cache_gib=1, served_model_name="tiny"
+        model_dir=out, port=free_port(), dtype="float32", max_model_len=256, kv_cache_gib=1, api_key=key
     )
     with VLLMServer(opts, tmp_path / "serve.log") as server:
         pgid = os.getpgid(server.proc.pid)
-        got = [completion(opts.url, "tiny", p, n) for p in prompts]
+        got = [completion(opts.url, "pruned", p, n, key) for p in prompts]
+        # Exposure: the model goes by its folder's name, the key is needed for /v1 and /metrics alike, and no
+        # process of the server shows the key on its command line.
+        status, models = get(opts.url + "/v1/models", key)
+        assert status == 200 and json.loads(models)["data"][0]["id"] == "pruned"
+        assert str(tmp_path) not in models
+        assert get(opts.url + "/v1/models")[0] == 401
+        assert get(opts.url + "/metrics")[0] == 401
+        status, metrics = get(opts.url + "/metrics", key)
+        assert status == 200 and "vllm:" in metrics
+        cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if _in_group(p.parent, pgid)]
+        assert len(cmdlines) >= 2 and not any(key.encode() in c for c in cmdlines)  # API server and engine core
     assert got == expected
     with pytest.raises(ProcessLookupError):  # the whole process group is gone, workers included
         os.killpg(pgid, signal.SIGCONT)
     assert Path(tmp_path / "serve.log").read_text()
+
+
+def _in_group(proc_dir: Path, pgid: int) -> bool:
+    try:
+        return os.getpgid(int(proc_dir.name)) == pgid
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def test_fit_to_model_caps_the_context_at_the_models_own(tmp_path):
