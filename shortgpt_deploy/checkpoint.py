@@ -218,19 +218,23 @@ def output_transaction(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
     """
     tmp = begin_output(out_dir, force=force)
     try:
-        try:
-            yield tmp
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutputWriteError(
-                    f"no space left on the device while writing {out_dir}; free some space or choose another "
-                    "output folder (nothing was written)"
-                ) from None
-            raise
+        yield tmp
         finish_output(tmp, out_dir, force=force)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := disk_full(err, out_dir)) is not None:
+            raise full from None
         raise
+
+
+def disk_full(err: BaseException, out_dir: Path) -> OutputWriteError | None:
+    """The project error for a write that failed for lack of space (None for any other error)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputWriteError(
+            f"no space left on the device while writing {out_dir}; free some space or choose another output "
+            "folder (nothing was written)"
+        )
+    return None
 
 
 def begin_output(out_dir: Path, *, force: bool) -> Path:

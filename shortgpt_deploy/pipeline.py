@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .calibration import build_calibration, load_documents
-from .checkpoint import begin_output, finish_output
+from .checkpoint import begin_output, disk_full, finish_output
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
@@ -425,7 +425,9 @@ def score_and_prune(
         manifest.status = "dry-run" if dry_run else "complete"
         manifest.save(tmp / "manifest.json")
         finish_output(tmp, run_dir, force=force)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := disk_full(err, run_dir)) is not None:
+            raise full from None
         raise
     return BuildResult(run_dir, scores, plan, pruned, manifest)

@@ -216,3 +216,33 @@ def test_rename_noreplace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renam
     checkpoint.rename_noreplace(tmp_path / "a", tmp_path / "b")
     assert sorted(os.listdir(tmp_path)) == ["b", "empty"]
     assert (tmp_path / "b" / "f").read_text() == "a"
+
+
+def test_full_disk_during_build_leaves_nothing(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import yaml
+
+    import shortgpt_deploy.pipeline as pipeline
+
+    text = tmp_path / "text.txt"
+    text.write_text(("she was not the one to think of it and he had said so . " * 60).strip())
+    run_dir = tmp_path / "work" / "run"
+    recipe = {
+        "model": {"path": str(src)},
+        "calibration": {"files": [str(text)], "samples": 2, "seq_len": 16, "batch_size": 2},
+        "prune": {"layers": [2, 3]},
+        "output": {"dir": str(run_dir)},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline, "plot_scores", full)
+    result = runner.invoke(app, ["build", str(tmp_path / "recipe.yaml"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: no space left on the device while writing {run_dir}; free some space or choose "
+        "another output folder (nothing was written)"
+    ], result.output
+    assert os.listdir(run_dir.parent) == []
