@@ -89,6 +89,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     the data section exactly up to the end of the file (what the safetensors library itself demands).
     """
     path = Path(path)
+    if not path.is_file():  # e.g. a shard the index lists but the download lost
+        raise CheckpointError(f"{path} is missing; re-download or re-save the checkpoint")
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)

@@ -246,3 +246,12 @@ def test_full_disk_during_build_leaves_nothing(src: Path, tmp_path: Path, monkey
         "another output folder (nothing was written)"
     ], result.output
     assert os.listdir(run_dir.parent) == []
+
+
+def test_missing_shard_is_refused(tiny_checkpoint: Callable[..., Path], tmp_path: Path):
+    src = tiny_checkpoint("llama", tmp_path / "src", max_shard_size="40KB")
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    shard.unlink()
+    (tmp_path / "work").mkdir()
+    line = refused(src, tmp_path / "work" / "out")
+    assert f"{shard} is missing" in line
