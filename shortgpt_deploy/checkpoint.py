@@ -198,14 +198,13 @@ def check_layer_tensors(
             for rest, counts in sorted(shapes.items()):
                 expected = counts.most_common(1)[0][0]
                 if rest not in layers[i]:
-                    problems.append(f"{prefix}{i}.{rest} is missing")
+                    problems.append(f"{prefix}{i}.{rest} is missing (its sibling layers have it)")
                 elif json.dumps(layers[i][rest]) != expected:
                     problems.append(f"{prefix}{i}.{rest} has shape {layers[i][rest]}, its sibling layers {expected}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(
-            f"{folder} is damaged: {'; '.join(problems[:3])}{more}, though the other layers have it; "
-            "re-download or re-save the checkpoint"
+            f"{folder} is damaged: {'; '.join(problems[:3])}{more}; re-download or re-save the checkpoint"
         )
 
 

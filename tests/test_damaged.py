@@ -255,3 +255,22 @@ def test_missing_shard_is_refused(tiny_checkpoint: Callable[..., Path], tmp_path
     (tmp_path / "work").mkdir()
     line = refused(src, tmp_path / "work" / "out")
     assert f"{shard} is missing" in line
+
+
+def test_layers_the_config_sets_apart_may_differ():
+    """A dense first layer among MoE layers (first_k_dense_replace, mlp_only_layers) is not a missing tensor."""
+    from shortgpt_deploy.checkpoint import check_layer_tensors
+    from shortgpt_deploy.errors import CheckpointError
+
+    def entry(shape: list[int]) -> dict[str, Any]:
+        return {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
+
+    header = {f"model.layers.{i}.self_attn.q_proj.weight": entry([4, 4]) for i in range(4)}
+    header["model.layers.0.mlp.down_proj.weight"] = entry([4, 8])
+    for i in (1, 2, 3):
+        header[f"model.layers.{i}.mlp.experts.0.down_proj.weight"] = entry([4, 8])
+    headers = {Path("model.safetensors"): header}
+    for special in ({"first_k_dense_replace": 1}, {"mlp_only_layers": [0]}):
+        check_layer_tensors(Path("m"), headers, "model.layers.", {"num_hidden_layers": 4, **special}, [0, 1, 2, 3])
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight is missing"):
+        check_layer_tensors(Path("m"), headers, "model.layers.", {"num_hidden_layers": 4}, [0, 1, 2, 3])
