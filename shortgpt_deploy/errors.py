@@ -27,3 +27,12 @@ class PlanError(ShortGPTError):
 
 class OutputExistsError(ShortGPTError):
     """An output folder that already exists without --force."""
+
+
+class CheckpointError(ModelLoadError):
+    """A checkpoint whose files are damaged: invalid JSON, a safetensors file that does not match its header,
+    a decoder layer that lacks tensors its siblings have."""
+
+
+class OutputWriteError(ShortGPTError):
+    """An output that could not be written (a full disk); nothing of it is left behind."""

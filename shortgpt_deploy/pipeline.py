@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .calibration import build_calibration, load_documents
+from .checkpoint import begin_output, disk_full, finish_output
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
@@ -30,7 +31,7 @@ from .plots import plot_scores
 from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
 from .stages import LATER_STAGES, STAGE_FUNCTIONS
-from .surgery import commit_output, prepare_output, prune_checkpoint, read_config_layers
+from .surgery import prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -363,7 +364,7 @@ def score_and_prune(
 ) -> BuildResult:
     """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done)."""
     run_dir = Path(out_dir or recipe.output.dir)
-    tmp = prepare_output(run_dir, force=force)  # refuses an existing folder before any heavy work
+    tmp = begin_output(run_dir, force=force)  # refuses an existing folder before any heavy work
     try:
         manifest = Manifest(inputs={"recipe": recipe.model_dump(mode="json")})
         (tmp / "recipe.yaml").write_text(recipe_text)
@@ -423,8 +424,10 @@ def score_and_prune(
                 (tmp / "pruned" / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
         manifest.save(tmp / "manifest.json")
-        commit_output(tmp, run_dir)
-    except BaseException:
+        finish_output(tmp, run_dir, force=force)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := disk_full(err, run_dir)) is not None:
+            raise full from None
         raise
     return BuildResult(run_dir, scores, plan, pruned, manifest)

@@ -29,18 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ModelLoadError, ShortGPTError
+from .checkpoint import output_transaction, read_config, read_config_layers
+from .errors import ShortGPTError
 from .recipe import CalibrationSpec
 from .serve import on_gpu
-from .surgery import (
-    PLAN_FILE,
-    WEIGHTS_INDEX,
-    commit_output,
-    copy_side_files,
-    prepare_output,
-    read_config_layers,
-    read_layer_tensors,
-)
+from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +271,9 @@ def quantize_checkpoint(
     card gets a quantization section.
     """
     src, out_dir = Path(src), Path(out_dir)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{src} is not a model folder (no config.json)")
-    if "quantization_config" in json.loads(config_path.read_text()):
+    if "quantization_config" in read_config(src):
         raise QuantizeError(f"{src} is already quantized (config.json has quantization_config); give the float one")
-    tmp = prepare_output(out_dir, force=force)
-    try:
+    with output_transaction(out_dir, force=force) as tmp:
         chosen, where = choose_scheme(scheme, target=target)
         gptqmodel = import_gptqmodel()
         shapes = layer_linear_shapes(src)
@@ -305,10 +294,6 @@ def quantize_checkpoint(
         producer = f"gptqmodel {gptqmodel.__version__}"
         result = QuantizeResult(out_dir, chosen.name, chosen.bits, group_size, where, producer, calib_info, duration_s)
         _finish_folder(src, tmp, result)
-        commit_output(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("quantize: %s in %.0f s → %s", chosen.name, duration_s, out_dir)
     return result
 

@@ -9,6 +9,7 @@ target and renamed into place only when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,19 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, OutputExistsError, PlanError, UnsupportedArchitectureError
+from .checkpoint import (
+    LAYER_INDEX_FIELDS,
+    LAYER_THRESHOLD_FIELDS,
+    PER_LAYER_FIELDS,
+    check_layer_tensors,
+    output_transaction,
+    read_config,
+    read_config_layers,
+    read_json,
+    read_safetensors_header,
+    text_config,
+)
+from .errors import ModelLoadError, PlanError, UnsupportedArchitectureError
 from .plan import LayerPlan
 
 logger = logging.getLogger(__name__)
@@ -29,12 +42,7 @@ PLAN_FILE = "shortgpt_plan.json"  # the plan travels with the checkpoint it prod
 # Files that are weights in another format: never copied (they would still hold the removed layers).
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
-# Config fields that hold one entry per layer (lists, or a string with one character per layer).
-PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern", "hybrid_override_pattern")
-# Fields that list layer indices.
-LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers")
-# Fields "layers below this index are special": the new value counts the kept layers below the old one.
-LAYER_THRESHOLD_FIELDS = ("max_window_layers", "first_k_dense_replace")
+# The config fields that describe layers per layer, by index and by threshold live in checkpoint.py.
 # Fields that describe layers by a period; removing layers breaks the period unless it is trivial.
 LAYER_PERIOD_FIELDS = (
     "decoder_sparse_step",
@@ -48,14 +56,6 @@ PATTERN_FIELDS = ("sliding_window_pattern", "_sliding_window_pattern")
 
 
 # ------------------------------------------------------------------------------------------- safetensors
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Return (header, byte offset where tensor data starts)."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return header, 8 + n
-
-
 def _copy_range(src: Any, dst: Any, offset: int, length: int) -> None:
     """Copy bytes [offset, offset+length) of src into dst at its current position, in the kernel when possible."""
     src.seek(offset)
@@ -68,7 +68,9 @@ def _copy_range(src: Any, dst: Any, offset: int, length: int) -> None:
                 break
             remaining -= n
         dst.seek(0, os.SEEK_END)
-    except (AttributeError, OSError):  # no copy_file_range (other OS, some filesystems): plain buffered copy
+    except (AttributeError, OSError) as err:  # no copy_file_range (other OS, some filesystems): buffered copy
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk is not "unsupported": the buffered copy would only fail later
         src.seek(offset + length - remaining)
         while remaining:
             chunk = src.read(min(remaining, 16 << 20))
@@ -137,24 +139,6 @@ def tensor_renames(names: list[str], prefix: str, plan: LayerPlan) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ config
-def read_config_layers(folder: Path) -> int:
-    """num_hidden_layers of a checkpoint folder, without loading the model."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{folder} is not a model folder (no config.json)")
-    return int(text_config(json.loads(path.read_text()))["num_hidden_layers"])
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The (sub)dict that holds num_hidden_layers: the config itself, or text_config of a multimodal model."""
-    if "num_hidden_layers" in config:
-        return config
-    sub = config.get("text_config")
-    if isinstance(sub, dict) and "num_hidden_layers" in sub:
-        return sub
-    raise UnsupportedArchitectureError("config.json has no num_hidden_layers (nor text_config.num_hidden_layers)")
-
-
 def slice_config(
     config: dict[str, Any], keep: list[int] | tuple[int, ...], derived_layer_types: list[str] | None = None
 ) -> list[str]:
@@ -246,7 +230,7 @@ def remap_module_names(obj: Any, prefix: str, plan: LayerPlan) -> Any:
 def weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
     index_path = src / WEIGHTS_INDEX
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
+        index = read_json(index_path)
         return sorted({src / f for f in index["weight_map"].values()}), index
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
@@ -293,29 +277,6 @@ def _derived_layer_types(src: Path, config: dict[str, Any]) -> list[str] | None:
         return None
 
 
-def prepare_output(out_dir: Path, *, force: bool) -> Path:
-    """Refuse an existing output unless forced; return the empty temporary folder to build it in."""
-    if out_dir.exists() and not force:
-        raise OutputExistsError(
-            f"output folder {out_dir} already exists; choose another, or pass --force to replace it"
-        )
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_output(tmp: Path, out_dir: Path) -> None:
-    """Move a completed temporary folder into place (replacing an old output only now, when forced)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-
-
 def prune_checkpoint(
     src: Path,
     plan: LayerPlan,
@@ -330,26 +291,23 @@ def prune_checkpoint(
     from tqdm.auto import tqdm
 
     src = Path(src)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{src} is not a model folder (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = read_config(src)
     _, index = weight_files(src)
-    headers, prefix = read_layer_tensors(src, text_config(config)["num_hidden_layers"])
+    headers, prefix = read_layer_tensors(src, read_config_layers(src))
     names = [n for h in headers.values() for n in h]
     if text_config(config)["num_hidden_layers"] != plan.num_layers_before:
         raise PlanError(
             f"the plan is for {plan.num_layers_before} layers but {src}/config.json has "
             f"num_hidden_layers={text_config(config)['num_hidden_layers']}"
         )
+    check_layer_tensors(src, headers, prefix, config, list(plan.keep))
     notes = slice_config(config, plan.keep, _derived_layer_types(src, config))
     if "quantization_config" in config:
         config["quantization_config"] = remap_module_names(config["quantization_config"], prefix, plan)
         notes.append("quantization_config: layer module names renumbered")
     rename = tensor_renames(names, prefix, plan)
 
-    tmp = prepare_output(Path(out_dir), force=force)
-    try:
+    with output_transaction(Path(out_dir), force=force) as tmp:
         total = sum(s.stat().st_size for s in headers)
         weight_map: dict[str, str] = {}
         written = 0
@@ -372,10 +330,6 @@ def prune_checkpoint(
         copy_side_files(src, tmp)
         (tmp / "README.md").write_text(model_card(plan, base_model or str(src), notes, recipe_text))
         plan.save(tmp / PLAN_FILE)
-        commit_output(tmp, Path(out_dir))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     kinds = Counter("removed" if v is None else "renamed" for v in rename.values())
     logger.info(
         "surgery: %d tensors renamed, %d dropped, %.1f MB written",
