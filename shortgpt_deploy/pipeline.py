@@ -63,6 +63,7 @@ def _calibrate_and_score(
     prune: PruneSpec,
     manifest: Manifest,
     *,
+    docs: list[str],
     progress: bool,
 ) -> LayerScores:
     if prune.budget is not None and prune.budget.criterion == "retention":
@@ -73,7 +74,7 @@ def _calibrate_and_score(
     if add_bos is None:
         add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
     with manifest.timed("calibration_tokenize"):
-        calibration = build_calibration(load_documents(calib), tokenizer, calib, add_bos=add_bos, source=calib.source)
+        calibration = build_calibration(docs, tokenizer, calib, add_bos=add_bos, source=calib.source)
     manifest.seeds["calibration"] = calib.seed
     num_layers = model.config.get_text_config().num_hidden_layers
     with manifest.timed("score"):
@@ -193,6 +194,7 @@ def score_model(
     if n_remove is not None and metric != GREEDY_METRIC:
         raise PlanError(f"n_remove only applies to {GREEDY_METRIC}: {metric} scores every layer in one pass")
     manifest = Manifest()
+    docs = load_documents(calib)  # a missing or binary calibration file fails before the model loads
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
     model, tokenizer = load_model(
         checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code
@@ -201,7 +203,9 @@ def score_model(
         prune = PruneSpec(metric=metric, n_remove=n_remove) if n_remove else PruneSpec(metric=metric, ratio=0.25)
     else:
         prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when scoring every layer
-    scores = _calibrate_and_score(model, tokenizer, checkpoint, model_spec, calib, prune, manifest, progress=progress)
+    scores = _calibrate_and_score(
+        model, tokenizer, checkpoint, model_spec, calib, prune, manifest, docs=docs, progress=progress
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     scores.save(out)
     return scores
@@ -376,6 +380,7 @@ def score_and_prune(
         # An explicit layer list needs no scores; a quantized source (the paper's Table 2) cannot be scored
         # without its quantization kernels, so it is pruned by list alone.
         if p.layers is None or not _is_quantized(checkpoint.path):
+            docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
             with manifest.timed("load_model"):
                 model, tokenizer = load_model(
                     checkpoint.path,
@@ -383,8 +388,9 @@ def score_and_prune(
                     trust_remote_code=recipe.model.trust_remote_code,
                 )
             scores = _calibrate_and_score(
-                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, progress=progress
-            )
+                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs,
+                progress=progress,
+            )  # fmt: skip
             scores.save(tmp / "scores.json")
             if p.budget is not None:
                 with manifest.timed("budget"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,40 @@ def test_too_short_calibration_text(tmp_path, ckpt):
 def test_missing_calibration_file(tmp_path, ckpt):
     code, output = run("score", ckpt, "--calibration", tmp_path / "nope.txt", "--out", tmp_path / "s.json")
     assert code == 2 and "calibration file not found" in output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (random.Random(0).randbytes(4096), "is not UTF-8 text (byte 0x"),  # random bytes are never valid UTF-8
+        (b"\0" * 4096, "is not text: 4096 of its 4096 characters are control characters"),  # valid UTF-8
+    ],
+)
+def test_binary_calibration_file_is_refused_before_the_model_loads(tmp_path, ckpt, monkeypatch, content, message):
+    from shortgpt_deploy import modeling, pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded before the text check"))
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    code, output = run("score", ckpt, "--calibration", path, "--out", tmp_path / "s.json")
+    assert code == 2 and f"{path} {message}" in " ".join(output.split()), output
+    assert not (tmp_path / "s.json").exists()
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("model loaded before the text check"))
+    code, output = run("analyze", ckpt, "--what", "metrics", "--calibration", path, "--out", tmp_path / "a")
+    assert code == 2 and message in " ".join(output.split()), output
+    recipe = recipe_file(tmp_path, ckpt)
+    (tmp_path / "text.txt").write_bytes(content)  # the recipe's calibration file
+    code, output = run("build", recipe)
+    assert code == 2 and message in " ".join(output.split()), output
+    assert leftovers(tmp_path) == []
+
+
+def test_utf8_text_with_a_byte_order_mark_and_accents_is_read(tmp_path):
+    from shortgpt_deploy.calibration import read_text_file
+
+    path = tmp_path / "t.txt"
+    path.write_bytes("\ufeffÉmile était là.\n\tFin.\f\n".encode())
+    assert read_text_file(path) == "Émile était là.\n\tFin.\f\n"
 
 
 def test_output_folder_exists(tmp_path, ckpt):
