@@ -353,6 +353,34 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
     return "\n".join(lines)
 
 
+# pydantic's error types for a number outside a Field's bounds, and how we say each bound
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_BOUND_WORDS = {"gt": "greater than", "ge": "at least", "lt": "less than", "le": "at most"}
+
+
+def option_errors(err: ValidationError, options: dict[str, str] | None = None) -> str:
+    """A recipe section built from command-line options that does not validate, as one line per error naming
+    the option (`--seq-len`, or `options[field]`) and its allowed range, e.g. `--samples must be at least 1, got 0`.
+
+    Recipe files name the field's path instead (parse_recipe); pydantic's own text has a URL and no option name.
+    """
+    section = next((c for c in _Section.__subclasses__() if c.__name__ == err.title), None)
+    lines = []
+    for e in err.errors():
+        if not e["loc"]:  # a rule across fields (model_validator): its message says what to do
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
+        name = str(e["loc"][-1])
+        option = (options or {}).get(name, "--" + name.replace("_", "-"))
+        field = section.model_fields.get(name) if section else None
+        if e["type"] in _BOUND_ERRORS and field is not None:
+            bounds = [f"{w} {getattr(m, k)}" for m in field.metadata for k, w in _BOUND_WORDS.items() if hasattr(m, k)]
+            lines.append(f"{option} must be {' and '.join(bounds)}, got {e['input']}")
+        else:
+            lines.append(f"{option}: {e['msg'].removeprefix('Value error, ')}, got {e['input']!r}")
+    return "\n".join(lines)
+
+
 def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """Walk the model classes along an error path to list the keys allowed at that level."""
     for part in loc:
