@@ -168,12 +168,19 @@ class PruneSpec(_Section):
         default_factory=lambda: [0, -1], description="Layers never removed; negative counts from the end."
     )
     iterative: bool = Field(default=False, description="Re-score the remaining layers after each removal.")
+    plot: bool = Field(
+        default=False,
+        description="With explicit layers: score the model anyway, for scores.json and the plot bi.png (the other "
+        "amounts always score and plot).",
+    )
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneSpec:
         given = [k for k in ("n_remove", "ratio", "layers", "budget") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of n_remove, ratio, layers or budget (got {given or 'none'})")
+        if "plot" in self.model_fields_set and self.layers is None:
+            raise ValueError(f"plot only applies to an explicit layer list: {given[0]} always scores and plots")
         if self.budget is not None and self.metric == "angular":
             raise ValueError("a budget grows the removal one layer at a time; angular removes one contiguous block")
         if self.iterative and self.metric == GREEDY_METRIC:
