@@ -416,10 +416,10 @@ def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool)
 
     # before the model, so that an unknown task or missing task data fails at once
     tasks = [load_task(name, limit=settings.limit, shots=settings.shots) for name in settings.tasks]
+    docs = load_documents(settings.calibration)  # so does a missing or binary calibration file
     checkpoint = resolve_checkpoint(model_spec)
     model, tokenizer = load_model(checkpoint.path)
     add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
-    docs = load_documents(settings.calibration)
     calib, greedy = (
         build_calibration(docs, tokenizer, spec, add_bos=add_bos, source=spec.source)
         for spec in (settings.calibration, settings.greedy_calibration)

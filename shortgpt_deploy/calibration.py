@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIN_BLOCK_TOKENS = 16  # shorter tail blocks say little about a layer and would mostly be padding
+# Prose has next to no control characters; a binary file that happens to decode (all NULs, say) is mostly them.
+MAX_CONTROL_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class CalibrationSet:
 
 def load_documents(spec: CalibrationSpec) -> list[str]:
     if spec.files is not None:
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in _text_files(spec.files)]
+        docs = [read_text_file(p) for p in _text_files(spec.files)]
     elif spec.offline is not None:
         from .corpora import offline_corpus
 
@@ -72,6 +74,45 @@ def load_documents(spec: CalibrationSpec) -> list[str]:
     if not docs:
         raise CalibrationError(f"calibration source {spec.source} contains no text")
     return docs
+
+
+def check_text_files(spec: CalibrationSpec) -> None:
+    """Read the local calibration files now, so that a missing or binary one fails before any model loads."""
+    if spec.files is not None:
+        for path in _text_files(spec.files):
+            read_text_file(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's content; refused, naming the file, unless it is UTF-8 and mostly printable.
+
+    Invalid bytes were once replaced silently, so random bytes were scored as if they were prose.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CalibrationError(f"cannot read text file {path}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not text
+    except UnicodeDecodeError as err:
+        raise CalibrationError(
+            f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); give a plain-text "
+            "file, or convert it first (iconv -t UTF-8)"
+        ) from None
+    control = _control_characters(text)
+    if control > MAX_CONTROL_SHARE * len(text):
+        raise CalibrationError(
+            f"{path} is not text: {control} of its {len(text)} characters are control characters; give a "
+            "plain-text file"
+        )
+    return text
+
+
+def _control_characters(text: str) -> int:
+    """Characters that are neither printable nor whitespace (NUL, escape codes, ...)."""
+    if "".join(text.split()).isprintable():  # the usual case, at C speed
+        return 0
+    return sum(not (c.isprintable() or c.isspace()) for c in text)
 
 
 def _text_files(paths: list[Path]) -> list[Path]:

@@ -29,6 +29,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -73,6 +74,20 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise ShortGPTError(f"{what} must be comma-separated integers, e.g. 2,5,7 (got {text!r})") from None
 
 
+def _from_options(build: Callable[[], S], **options: str) -> S:
+    """A recipe section built from command-line options; a value out of range names the option and the range
+    (`--samples must be at least 1, got 0`), not the field. `options` maps a field to its option where the two
+    names differ."""
+    from pydantic import ValidationError
+
+    from .recipe import option_errors
+
+    try:
+        return build()
+    except ValidationError as err:
+        raise ShortGPTError(option_errors(err, options)) from None
+
+
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
@@ -103,13 +118,14 @@ def score(
     from .pipeline import score_model
     from .recipe import CalibrationSpec, ModelSpec
 
-    try:
-        calib = CalibrationSpec.from_cli(
+    calib = _from_options(
+        lambda: CalibrationSpec.from_cli(
             calibration, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed
         )
-        spec = ModelSpec(path=model, dtype=dtype)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise ShortGPTError(str(err)) from None
+    )
+    spec = _from_options(lambda: ModelSpec(path=model, dtype=dtype))  # type: ignore[arg-type]
+    if n_remove is not None and n_remove < 1:
+        raise ShortGPTError(f"--n-remove must be at least 1, got {n_remove}")
     scores = score_model(spec, calib, metric=metric, out=out, n_remove=n_remove, progress=not no_progress)
     _print_scores(scores.scores, scores.removal_order, scores.metric)
     console.print(f"wrote {out} ({scores.calibration['num_tokens']} calibration tokens, {scores.duration_s:.1f} s)")
@@ -156,17 +172,19 @@ def prune(
 
     if (n_remove is not None or ratio is not None) and scores is None:
         raise ShortGPTError("--n-remove and --ratio choose by score: give --scores scores.json (from `score`)")
+    given = [name for name, v in (("--layers", layers), ("--n-remove", n_remove), ("--ratio", ratio)) if v is not None]
+    if len(given) != 1:
+        raise ShortGPTError(f"give exactly one of --layers, --n-remove or --ratio (got {', '.join(given) or 'none'})")
     loaded = LayerScores.load(scores) if scores is not None else None
-    try:
-        spec = PruneSpec(
+    spec = _from_options(
+        lambda: PruneSpec(
             metric=loaded.metric if loaded else "bi",  # type: ignore[arg-type]
             n_remove=n_remove,
             ratio=ratio,
             layers=_ints(layers, "--layers"),
             protect=_ints(protect, "--protect") or [],
         )
-    except ValueError as err:
-        raise ShortGPTError(str(err).split("\n", 1)[-1]) from None
+    )
     plan, notes = prune_model(
         ModelSpec(path=model),
         out_dir=out_dir,
@@ -280,7 +298,7 @@ def quantize(
     from .quantize import quantize_checkpoint
     from .recipe import CalibrationSpec
 
-    calib = CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len)
+    calib = _from_options(lambda: CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len))
     result = quantize_checkpoint(
         model_dir,
         out_dir=out_dir,
@@ -616,13 +634,12 @@ def analyze(
     from .tasks import parse_task_names
 
     check_what(what)
-    try:
-        calib, greedy = (
-            CalibrationSpec.from_cli(calibration, samples=n, seq_len=length, seed=0)
-            for n, length in ((samples, seq_len), (greedy_samples, greedy_seq_len))
-        )
-    except ValueError as err:
-        raise ShortGPTError(str(err)) from None
+    calib = _from_options(lambda: CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len, seed=0))
+    greedy = _from_options(
+        lambda: CalibrationSpec.from_cli(calibration, samples=greedy_samples, seq_len=greedy_seq_len, seed=0),
+        samples="--greedy-samples",
+        seq_len="--greedy-seq-len",
+    )
     settings = AnalysisSettings(
         calibration=calib,
         greedy_calibration=greedy,

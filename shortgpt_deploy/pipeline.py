@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .calibration import build_calibration, load_documents
+from .calibration import build_calibration, check_text_files, load_documents
 from .checkpoint import begin_output, disk_full, finish_output
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
 from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
-from .plan import LayerPlan, make_plan, n_from_ratio, normalize_protected
+from .plan import LayerPlan, check_amount, check_request, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
 from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
@@ -64,6 +64,7 @@ def _calibrate_and_score(
     prune: PruneSpec,
     manifest: Manifest,
     *,
+    docs: list[str],
     progress: bool,
 ) -> LayerScores:
     if prune.budget is not None and prune.budget.criterion == "retention":
@@ -74,7 +75,7 @@ def _calibrate_and_score(
     if add_bos is None:
         add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
     with manifest.timed("calibration_tokenize"):
-        calibration = build_calibration(load_documents(calib), tokenizer, calib, add_bos=add_bos, source=calib.source)
+        calibration = build_calibration(docs, tokenizer, calib, add_bos=add_bos, source=calib.source)
     manifest.seeds["calibration"] = calib.seed
     num_layers = model.config.get_text_config().num_hidden_layers
     with manifest.timed("score"):
@@ -106,11 +107,7 @@ def _layers_to_score(prune: PruneSpec, num_layers: int, protected: frozenset[int
     if prune.budget is not None:  # the budget never tries more than max_ratio, nor a protected layer
         return max(1, min(n_from_ratio(prune.budget.max_ratio, num_layers), removable))
     n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(prune.ratio), num_layers))
-    if n > removable:  # make_plan would refuse it too, but only after the (expensive) scoring
-        raise PlanError(
-            f"cannot remove {n} layers: only {removable} of {num_layers} are not protected "
-            f"(protected: {sorted(protected)}; change prune.protect or --protect)"
-        )
+    check_amount(n, num_layers, protected)  # make_plan would refuse it too, but only after the (expensive) scoring
     return n
 
 
@@ -194,6 +191,7 @@ def score_model(
     if n_remove is not None and metric != GREEDY_METRIC:
         raise PlanError(f"n_remove only applies to {GREEDY_METRIC}: {metric} scores every layer in one pass")
     manifest = Manifest()
+    docs = load_documents(calib)  # a missing or binary calibration file fails before the model loads
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
     model, tokenizer = load_model(
         checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code
@@ -202,7 +200,9 @@ def score_model(
         prune = PruneSpec(metric=metric, n_remove=n_remove) if n_remove else PruneSpec(metric=metric, ratio=0.25)
     else:
         prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when scoring every layer
-    scores = _calibrate_and_score(model, tokenizer, checkpoint, model_spec, calib, prune, manifest, progress=progress)
+    scores = _calibrate_and_score(
+        model, tokenizer, checkpoint, model_spec, calib, prune, manifest, docs=docs, progress=progress
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     scores.save(out)
     return scores
@@ -252,7 +252,7 @@ def build(
 ) -> BuildResult:
     """`shortgpt-deploy build`: score → plan → prune, then the recipe's quantize, eval and bench sections, then
     report.md. Raises BuildIncompleteError (after writing the report) if a later stage failed."""
-    choice = None if dry_run else preflight(recipe)  # an unservable scheme or a missing library fails now
+    choice = preflight(recipe, dry_run=dry_run)  # a bad plan, an unservable scheme or a missing library fails now
     result = score_and_prune(
         recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
     )
@@ -308,15 +308,30 @@ class QuantizeChoice:
     note: str = ""
 
 
-def preflight(recipe: Recipe) -> QuantizeChoice | None:
-    """The checks that need no model: the GPTQ scheme can be served where asked, the libraries are installed, the
-    retention budget's task data is there.
+def preflight(recipe: Recipe, *, dry_run: bool = False) -> QuantizeChoice | None:
+    """The checks that need no model: the plan's rules on config.json alone and the calibration files (in a dry
+    run too; they once failed only after loading and scoring), then the GPTQ scheme can be served where asked, the
+    libraries are installed, the retention budget's task data is there.
 
     `scheme: auto` with `target: auto` on a machine whose vLLM cannot serve any GPTQ checkpoint (an AVX2-only CPU)
     still quantizes, for quality (the orthogonality claim is about quality), with the scheme a GPU serves; the
     bench then leaves the quantized variants out and the report says why. An explicit scheme or target that
     cannot be served fails here instead.
     """
+    check_text_files(recipe.calibration)  # scoring and GPTQ read them
+    checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
+    p = recipe.prune
+    check_request(
+        num_layers=read_config_layers(checkpoint.path), n_remove=p.n_remove, ratio=p.ratio, layers=p.layers,
+        protect=p.protect, metric=p.metric,
+    )  # fmt: skip
+    if p.plot and _is_quantized(checkpoint.path):
+        raise PlanError(
+            f"prune.plot: {checkpoint.path} is quantized and cannot be scored here; drop plot: true (explicit "
+            "layers need no scores)"
+        )
+    if dry_run:
+        return None
     choice = None
     if recipe.quantize is not None:
         from .quantize import UnservableSchemeError, choose_scheme, import_gptqmodel, resolve_target
@@ -374,9 +389,11 @@ def score_and_prune(
         p = recipe.prune
         num_layers = read_config_layers(checkpoint.path)
         scores, budget = None, None
-        # An explicit layer list needs no scores; a quantized source (the paper's Table 2) cannot be scored
-        # without its quantization kernels, so it is pruned by list alone.
-        if p.layers is None or not _is_quantized(checkpoint.path):
+        # An explicit layer list needs no scores: they cost a model load and a pass over the calibration text, so
+        # only prune.plot asks for them (bi.png). A quantized source (the paper's Table 2) cannot be scored
+        # without its quantization kernels, so preflight refuses plot for it.
+        if p.layers is None or p.plot:
+            docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
             with manifest.timed("load_model"):
                 model, tokenizer = load_model(
                     checkpoint.path,
@@ -384,8 +401,9 @@ def score_and_prune(
                     trust_remote_code=recipe.model.trust_remote_code,
                 )
             scores = _calibrate_and_score(
-                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, progress=progress
-            )
+                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs,
+                progress=progress,
+            )  # fmt: skip
             scores.save(tmp / "scores.json")
             if p.budget is not None:
                 with manifest.timed("budget"):

@@ -88,22 +88,20 @@ def make_plan(
     """Pick the layers to remove: an explicit list, or the `n_remove` (or `ratio`) least important by `scores`."""
     if sum(x is not None for x in (n_remove, ratio, layers)) != 1:
         raise PlanError("give exactly one of n_remove, ratio or layers")
-    protected = normalize_protected(protect, num_layers)
-    if layers is not None:
-        return _explicit_plan(layers, num_layers, protected)
-    if scores is None:
+    if layers is None and scores is None:
         raise PlanError("n_remove and ratio need layer scores (from `shortgpt-deploy score`)")
-    if scores.num_layers != num_layers:
+    if scores is not None and layers is None and scores.num_layers != num_layers:
         raise PlanError(f"scores are for {scores.num_layers} layers but the model has {num_layers}")
+    protected = check_request(
+        num_layers=num_layers, n_remove=n_remove, ratio=ratio, layers=layers, protect=protect,
+        metric=scores.metric if scores is not None else "explicit",
+    )  # fmt: skip
+    if layers is not None:
+        keep = tuple(i for i in range(num_layers) if i not in set(layers))
+        reasons = {i: "listed explicitly" for i in layers}
+        return LayerPlan(num_layers, tuple(layers), keep, "explicit", protected, reasons)
+    assert scores is not None
     n = n_remove if n_remove is not None else n_from_ratio(float(ratio), num_layers)  # type: ignore[arg-type]
-    removable = num_layers - len(protected)
-    if n >= num_layers:
-        raise PlanError(f"cannot remove {n} of {num_layers} layers: at least one layer must stay")
-    if n > removable:
-        raise PlanError(
-            f"cannot remove {n} layers: only {removable} of {num_layers} are not protected "
-            f"(protected: {list(protected)}; change prune.protect or --protect)"
-        )
     if scores.metric == "angular":
         remove, reasons = _angular_block(scores, n, protected)
     else:
@@ -124,7 +122,44 @@ def make_plan(
     return LayerPlan(num_layers, tuple(remove), keep, scores.metric, protected, reasons)
 
 
-def _explicit_plan(layers: list[int], num_layers: int, protected: tuple[int, ...]) -> LayerPlan:
+def check_request(
+    *,
+    num_layers: int,
+    n_remove: int | None = None,
+    ratio: float | None = None,
+    layers: list[int] | None = None,
+    protect: list[int] | tuple[int, ...] = (0, -1),
+    metric: str = "bi",
+) -> tuple[int, ...]:
+    """The rules of a removal request that need only the number of layers (config.json): make_plan keeps them,
+    and preflight checks a recipe with them before any model loads, instead of after minutes of scoring.
+
+    Returns the protected layers, normalised. A budget (none of the three amounts) picks n itself, within range.
+    """
+    protected = normalize_protected(protect, num_layers)
+    if layers is not None:
+        _check_layers(layers, num_layers, protected)
+    elif n_remove is not None or ratio is not None:
+        n = n_remove if n_remove is not None else n_from_ratio(float(ratio), num_layers)  # type: ignore[arg-type]
+        check_amount(n, num_layers, protected)
+        if metric == "angular":
+            _angular_starts(num_layers, n, protected)
+    return protected
+
+
+def check_amount(n: int, num_layers: int, protected: tuple[int, ...] | frozenset[int]) -> None:
+    """Removing n layers leaves at least one, and takes no protected one."""
+    removable = num_layers - len(protected)
+    if n >= num_layers:
+        raise PlanError(f"cannot remove {n} of {num_layers} layers: at least one layer must stay")
+    if n > removable:
+        raise PlanError(
+            f"cannot remove {n} layers: only {removable} of {num_layers} are not protected "
+            f"(protected: {sorted(protected)}; change prune.protect or --protect)"
+        )
+
+
+def _check_layers(layers: list[int], num_layers: int, protected: tuple[int, ...]) -> None:
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise PlanError(f"layer index {bad[0]} is out of range: the model has layers 0..{num_layers - 1}")
@@ -138,16 +173,20 @@ def _explicit_plan(layers: list[int], num_layers: int, protected: tuple[int, ...
             f"layer {hit[0]} is protected (protected: {list(protected)}); remove it from the list, or set "
             "prune.protect / --protect to a list without it"
         )
-    keep = tuple(i for i in range(num_layers) if i not in set(layers))
-    return LayerPlan(num_layers, tuple(layers), keep, "explicit", protected, {i: "listed explicitly" for i in layers})
 
 
 def _angular_block(scores: LayerScores, n: int, protected: tuple[int, ...]) -> tuple[list[int], dict[int, str]]:
     """Gromov et al.: remove the n contiguous layers whose input and output are closest in angle."""
-    starts = [s for s in range(scores.num_layers - n + 1) if not any(p in protected for p in range(s, s + n))]
-    if not starts:
-        raise PlanError(f"no block of {n} contiguous layers avoids the protected layers {list(protected)}")
+    starts = _angular_starts(scores.num_layers, n, protected)
     best = min(starts, key=lambda s: (scores.block_distance(s, n), s))
     d = scores.block_distance(best, n)
     remove = list(range(best, best + n))
     return remove, {i: f"in block [{best}, {best + n}) with angular distance {d:.6g}" for i in remove}
+
+
+def _angular_starts(num_layers: int, n: int, protected: tuple[int, ...]) -> list[int]:
+    """First layers of the blocks of n contiguous layers that contain no protected layer."""
+    starts = [s for s in range(num_layers - n + 1) if not any(p in protected for p in range(s, s + n))]
+    if not starts:
+        raise PlanError(f"no block of {n} contiguous layers avoids the protected layers {list(protected)}")
+    return starts

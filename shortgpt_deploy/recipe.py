@@ -168,12 +168,19 @@ class PruneSpec(_Section):
         default_factory=lambda: [0, -1], description="Layers never removed; negative counts from the end."
     )
     iterative: bool = Field(default=False, description="Re-score the remaining layers after each removal.")
+    plot: bool = Field(
+        default=False,
+        description="With explicit layers: score the model anyway, for scores.json and the plot bi.png (the other "
+        "amounts always score and plot).",
+    )
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneSpec:
         given = [k for k in ("n_remove", "ratio", "layers", "budget") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of n_remove, ratio, layers or budget (got {given or 'none'})")
+        if "plot" in self.model_fields_set and self.layers is None:
+            raise ValueError(f"plot only applies to an explicit layer list: {given[0]} always scores and plots")
         if self.budget is not None and self.metric == "angular":
             raise ValueError("a budget grows the removal one layer at a time; angular removes one contiguous block")
         if self.iterative and self.metric == GREEDY_METRIC:
@@ -350,6 +357,34 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
             lines.append(f"  {where}: unknown field (allowed here: {allowed})")
         else:
             lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+# pydantic's error types for a number outside a Field's bounds, and how we say each bound
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_BOUND_WORDS = {"gt": "greater than", "ge": "at least", "lt": "less than", "le": "at most"}
+
+
+def option_errors(err: ValidationError, options: dict[str, str] | None = None) -> str:
+    """A recipe section built from command-line options that does not validate, as one line per error naming
+    the option (`--seq-len`, or `options[field]`) and its allowed range, e.g. `--samples must be at least 1, got 0`.
+
+    Recipe files name the field's path instead (parse_recipe); pydantic's own text has a URL and no option name.
+    """
+    section = next((c for c in _Section.__subclasses__() if c.__name__ == err.title), None)
+    lines = []
+    for e in err.errors():
+        if not e["loc"]:  # a rule across fields (model_validator): its message says what to do
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
+        name = str(e["loc"][-1])
+        option = (options or {}).get(name, "--" + name.replace("_", "-"))
+        field = section.model_fields.get(name) if section else None
+        if e["type"] in _BOUND_ERRORS and field is not None:
+            bounds = [f"{w} {getattr(m, k)}" for m in field.metadata for k, w in _BOUND_WORDS.items() if hasattr(m, k)]
+            lines.append(f"{option} must be {' and '.join(bounds)}, got {e['input']}")
+        else:
+            lines.append(f"{option}: {e['msg'].removeprefix('Value error, ')}, got {e['input']!r}")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,90 @@ def test_too_short_calibration_text(tmp_path, ckpt):
 def test_missing_calibration_file(tmp_path, ckpt):
     code, output = run("score", ckpt, "--calibration", tmp_path / "nope.txt", "--out", tmp_path / "s.json")
     assert code == 2 and "calibration file not found" in output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (random.Random(0).randbytes(4096), "is not UTF-8 text (byte 0x"),  # random bytes are never valid UTF-8
+        (b"\0" * 4096, "is not text: 4096 of its 4096 characters are control characters"),  # valid UTF-8
+    ],
+)
+def test_binary_calibration_file_is_refused_before_the_model_loads(tmp_path, ckpt, monkeypatch, content, message):
+    from shortgpt_deploy import modeling, pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded before the text check"))
+    path = tmp_path / "data.bin"
+    path.write_bytes(content)
+    code, output = run("score", ckpt, "--calibration", path, "--out", tmp_path / "s.json")
+    assert code == 2 and f"{path} {message}" in " ".join(output.split()), output
+    assert not (tmp_path / "s.json").exists()
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("model loaded before the text check"))
+    code, output = run("analyze", ckpt, "--what", "metrics", "--calibration", path, "--out", tmp_path / "a")
+    assert code == 2 and message in " ".join(output.split()), output
+    recipe = recipe_file(tmp_path, ckpt)
+    (tmp_path / "text.txt").write_bytes(content)  # the recipe's calibration file
+    code, output = run("build", recipe)
+    assert code == 2 and message in " ".join(output.split()), output
+    assert leftovers(tmp_path) == []
+
+
+def test_utf8_text_with_a_byte_order_mark_and_accents_is_read(tmp_path):
+    from shortgpt_deploy.calibration import read_text_file
+
+    path = tmp_path / "t.txt"
+    path.write_bytes("\ufeffÉmile était là.\n\tFin.\f\n".encode())
+    assert read_text_file(path) == "Émile était là.\n\tFin.\f\n"
+
+
+def scores_file(tmp_path):
+    data = {"metric": "bi", "model": "tiny", "num_layers": 6, "scores": [0.5, 0.1, 0.2, 0.3, 0.4, 0.6]}
+    data |= {"removal_order": [1, 2, 3, 4, 0, 5], "calibration": {}}
+    (tmp_path / "scores.json").write_text(json.dumps(data))
+    return tmp_path / "scores.json"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["score", "CKPT", "--samples", "0"], "--samples must be at least 1, got 0"),
+        (["score", "CKPT", "--seq-len", "-5"], "--seq-len must be at least 8, got -5"),
+        (["score", "CKPT", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["score", "CKPT", "--metric", "ppl_greedy", "--n-remove", "0"], "--n-remove must be at least 1, got 0"),
+        (["score", "CKPT", "--dtype", "fp8"], "--dtype: Input should be 'float32', 'bfloat16' or 'float16', got 'fp8'"),
+        (["prune", "CKPT", "--out", "OUT", "--scores", "SCORES", "--ratio", "1.5"],
+         "--ratio must be greater than 0 and less than 1, got 1.5"),
+        (["prune", "CKPT", "--out", "OUT", "--scores", "SCORES", "--n-remove", "0"],
+         "--n-remove must be at least 1, got 0"),
+        (["prune", "CKPT", "--out", "OUT", "--scores", "SCORES", "--n-remove", "2", "--ratio", "0.5"],
+         "give exactly one of --layers, --n-remove or --ratio (got --n-remove, --ratio)"),
+        (["quantize", "CKPT", "--out", "OUT", "--seq-len", "4"], "--seq-len must be at least 8, got 4"),
+        (["analyze", "CKPT", "--what", "metrics", "--samples", "0"], "--samples must be at least 1, got 0"),
+        (["analyze", "CKPT", "--what", "ratio-sweep", "--greedy-seq-len", "4"],
+         "--greedy-seq-len must be at least 8, got 4"),
+    ],
+)  # fmt: skip
+def test_option_out_of_range_names_the_option_and_the_range(tmp_path, ckpt, monkeypatch, args, message):
+    from shortgpt_deploy import modeling, pipeline
+
+    for module in (modeling, pipeline):
+        monkeypatch.setattr(module, "resolve_checkpoint", lambda *a, **k: pytest.fail("went on past a bad option"))
+    names = {"CKPT": ckpt, "OUT": tmp_path / "out", "SCORES": scores_file(tmp_path)}
+    code, output = run(*(names.get(a, a) for a in args))
+    assert code == 2 and message in output, output
+    assert "pydantic" not in output and "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_out_of_range_names_the_field_path(tmp_path, ckpt):
+    path = recipe_file(tmp_path, ckpt)
+    data = yaml.safe_load(path.read_text())
+    data["calibration"]["samples"] = 0
+    path.write_text(yaml.safe_dump(data))
+    code, output = run("build", path)
+    assert code == 2 and "calibration.samples: Input should be greater than or equal to 1" in output, output
+    assert "pydantic" not in output
 
 
 def test_output_folder_exists(tmp_path, ckpt):
