@@ -24,11 +24,12 @@ from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
-from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
+from .modeling import Checkpoint, cache_dir, load_model, resolve_checkpoint, tokenizer_adds_bos
 from .plan import LayerPlan, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
 from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
+from .runtime import third_party_output
 from .stages import LATER_STAGES, STAGE_FUNCTIONS
 from .surgery import commit_output, prepare_output, prune_checkpoint, read_config_layers
 
@@ -251,10 +252,17 @@ def build(
 ) -> BuildResult:
     """`shortgpt-deploy build`: score → plan → prune, then the recipe's quantize, eval and bench sections, then
     report.md. Raises BuildIncompleteError (after writing the report) if a later stage failed."""
-    choice = None if dry_run else preflight(recipe)  # an unservable scheme or a missing library fails now
-    result = score_and_prune(
-        recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
-    )
+    # The run folder appears only once scored and pruned: until then the libraries' output goes to the cache,
+    # where it stays (and the error names it) if this part fails.
+    early_log = cache_dir() / "logs" / f"{Path(out_dir or recipe.output.dir).name}-score.log"
+    with third_party_output(early_log):
+        choice = None if dry_run else preflight(recipe)  # an unservable scheme or a missing library fails now
+        result = score_and_prune(
+            recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
+        )
+    if early_log.exists():
+        (result.run_dir / "logs").mkdir(exist_ok=True)
+        shutil.move(early_log, result.run_dir / "logs" / "score.log")
     if dry_run:
         return result
     run_dir, manifest = result.run_dir, result.manifest
@@ -267,11 +275,11 @@ def build(
             continue
         logger.info("stage %s", stage)
         try:
-            with manifest.timed(stage):
+            with manifest.timed(stage), third_party_output(run_dir / "logs" / f"{stage}.log"):
                 note = STAGE_FUNCTIONS[stage](recipe, run_dir, manifest, progress=progress)
             manifest.stages[stage] = "complete" + (f" ({note})" if note else "")
         except ShortGPTError as err:
-            logger.error("stage %s failed: %s", stage, err)
+            logger.error("stage %s failed: %s (library output: %s)", stage, err, err.log_path)
             manifest.stages[stage] = f"failed: {err}"
             failed.append(stage)
         except BaseException:
@@ -292,7 +300,7 @@ def build(
         raise BuildIncompleteError(
             f"stage(s) {', '.join(failed)} failed (scores, plan and the pruned checkpoint are complete); "
             + "; ".join(f"{s}: {manifest.stages[s].removeprefix('failed: ').splitlines()[0]}" for s in failed)
-            + f". See {run_dir / 'report.md'} and {run_dir / 'manifest.json'}."
+            + f". See {run_dir / 'report.md'}, {run_dir / 'manifest.json'} and {run_dir / 'logs'}/."
         )
     return result
 
