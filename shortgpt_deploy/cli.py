@@ -630,6 +630,7 @@ def analyze(
     from .analyze import ORDERS, AnalysisSettings, check_what, is_run_folder, run_analysis
     from .analyze_plots import summary_rows
     from .recipe import CalibrationSpec
+    from .runtime import third_party_output
     from .tasks import parse_task_names
 
     check_what(what)
@@ -656,7 +657,12 @@ def analyze(
         shots=shots,
         tasks_at=tasks_at,
     )
-    result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
+    if out_dir is not None or is_run_folder(model):  # beside WHAT.json; else the default folder is decided later
+        log = (out_dir or Path(model) / "logs") / f"analyze-{what}.log"
+    else:
+        log = _cache_log(f"analyze-{what}")
+    with third_party_output(log):
+        result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
     title, headers, rows = summary_rows(result.data)
     table = Table(title=title)
     for h in headers:
