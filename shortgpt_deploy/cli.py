@@ -179,7 +179,7 @@ def prune(
         )
     except ValueError as err:
         raise ShortGPTError(str(err).split("\n", 1)[-1]) from None
-    with third_party_output(out_dir.with_name(out_dir.name + ".log")):
+    with third_party_output(_cache_log("prune") if dry_run else out_dir.with_name(out_dir.name + ".log")):
         plan, notes = prune_model(
             ModelSpec(path=model),
             out_dir=out_dir,

@@ -85,10 +85,16 @@ def third_party_output(log_path: Path) -> Iterator[Path]:
     log stayed empty; an empty log is removed.
     """
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_bytes(b"")
-    # Appending: the descriptors and this file object share one file, and each write must land at its end.
-    log = log_path.open("a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_bytes(b"")
+        # Appending: the descriptors and this file object share one file, and each write must land at its end.
+        log = log_path.open("a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except OSError as err:
+        raise ShortGPTError(
+            f"cannot write the log file {log_path}: {err.strerror or err}; choose an output path in a folder you "
+            "can write to"
+        ) from None
     terminal, opened = _terminal()
     _flush_std()  # what was written before belongs where it was going
     saved = (os.dup(1), os.dup(2))

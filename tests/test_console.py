@@ -90,6 +90,10 @@ def test_prune_keeps_a_log_beside_its_output(tmp_path, ckpt):
     assert len(console.splitlines()) <= 8, console  # plan (logged, printed), 2 reasons, surgery, config, wrote
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["pruned", "pruned.log"]
     assert "plan: remove 2 of 6 layers" in (tmp_path / "p" / "pruned.log").read_text()
+    code, console = cli("prune", ckpt, "--out", tmp_path / "d" / "pruned", "--layers", "1,2", "--dry-run",
+                        cwd=tmp_path)  # fmt: skip
+    assert code == 0 and "dry run: nothing written" in console, console
+    assert not (tmp_path / "d").exists()  # not even a log: a dry run's goes to the cache
 
 
 def test_a_failing_command_names_its_log(tmp_path, ckpt):
@@ -167,3 +171,10 @@ def test_an_empty_log_is_removed(tmp_path):
     with third_party_output(tmp_path / "quiet.log"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_that_cannot_be_written_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ShortGPTError, match=r"cannot write the log file .*file/x.log: .*choose an output path"):
+        with third_party_output(tmp_path / "file" / "x.log"):
+            pytest.fail("ran without a log")
