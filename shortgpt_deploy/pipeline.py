@@ -279,7 +279,8 @@ def build(
                 note = STAGE_FUNCTIONS[stage](recipe, run_dir, manifest, progress=progress)
             manifest.stages[stage] = "complete" + (f" ({note})" if note else "")
         except ShortGPTError as err:
-            logger.error("stage %s failed: %s (library output: %s)", stage, err, err.log_path)
+            logged = f" (library output: {err.log_path})" if err.log_path else ""
+            logger.error("stage %s failed: %s%s", stage, err, logged)
             manifest.stages[stage] = f"failed: {err}"
             failed.append(stage)
         except BaseException:

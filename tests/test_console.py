@@ -178,3 +178,20 @@ def test_a_log_that_cannot_be_written_is_one_clear_error(tmp_path):
     with pytest.raises(ShortGPTError, match=r"cannot write the log file .*file/x.log: .*choose an output path"):
         with third_party_output(tmp_path / "file" / "x.log"):
             pytest.fail("ran without a log")
+
+
+def test_a_failed_stage_names_its_log(tmp_path, ckpt, words):
+    recipe = {
+        "model": {"path": str(ckpt)},
+        "calibration": {"files": [str(words)], "samples": 4, "seq_len": 32, "batch_size": 2},
+        "prune": {"n_remove": 2},
+        "output": {"dir": str(tmp_path / "run")},
+        "eval": {"text": str(tmp_path / "missing.txt"), "max_tokens": 256, "context_len": 64, "stride": 64},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, console = cli("build", tmp_path / "recipe.yaml", "--no-progress", cwd=tmp_path)
+    assert code == 2, console
+    logs = tmp_path / "run" / "logs"
+    assert "stage eval failed: " in console and f"(library output: {logs / 'eval.log'})" in console, console
+    assert console.rstrip().endswith(f"and {logs}/."), console  # the build's error line names the folder
+    assert "Loading weights" in (logs / "eval.log").read_text()
