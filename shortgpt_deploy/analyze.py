@@ -255,7 +255,7 @@ def metrics_analysis(ctx: Context) -> dict[str, Any]:
 
 def single_layer_analysis(ctx: Context) -> dict[str, Any]:
     """Paper Fig. 3: each layer removed alone (protection does not apply: every layer is measured)."""
-    from tqdm.auto import tqdm
+    from .runtime import tqdm
 
     bi = ctx.scores().all_metrics["bi"]
     dense = ctx.measure(frozenset())  # with the tasks, when given: every point is measured alike
@@ -268,9 +268,8 @@ def single_layer_analysis(ctx: Context) -> dict[str, Any]:
 
 def heads_analysis(ctx: Context) -> dict[str, Any]:
     """Paper Fig. 6: each attention head ablated alone (modeling.heads_removed); held-out perplexity per head."""
-    from tqdm.auto import tqdm
-
     from .modeling import attention_heads, heads_removed
+    from .runtime import tqdm
 
     num_heads, _ = attention_heads(ctx.model)
     dense = ctx.measure(frozenset(), tasks=False)["perplexity"]
@@ -339,9 +338,8 @@ def _removal_sets(ctx: Context, grid: list[int], protected: frozenset[int]) -> t
 
 def ratio_sweep_analysis(ctx: Context) -> dict[str, Any]:
     """Paper Fig. 5: held-out perplexity against the number of layers removed, for every removal order."""
-    from tqdm.auto import tqdm
-
     from .plan import normalize_protected
+    from .runtime import tqdm
 
     s, num_layers = ctx.settings, ctx.num_layers
     protected = frozenset(normalize_protected(list(s.protect), num_layers))

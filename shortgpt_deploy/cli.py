@@ -20,13 +20,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import ShortGPTError
+from .runtime import CONSOLE
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Depth-prune LLMs by Block Influence (ShortGPT) and ship the result to transformers and vLLM.",
 )
-console = Console(stderr=True)
+console = Console(file=CONSOLE)  # stderr, and still the terminal while libraries' output goes to a log
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S")
@@ -55,7 +56,8 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ShortGPTError as err:
-            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            log = f" (library output: {err.log_path})" if err.log_path else ""
+            console.print(f"[bold red]error:[/] {escape(str(err) + log)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:
             what = str(err) or "interrupted"
@@ -63,6 +65,13 @@ def handles_errors(fn: F) -> F:
             raise typer.Exit(exit_code_of(err)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _cache_log(command: str) -> Path:
+    """The log of a command that writes no output folder (each run replaces the last)."""
+    from .modeling import cache_dir
+
+    return cache_dir() / "logs" / f"{command}.log"
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -117,6 +126,7 @@ def score(
     _setup_logging(verbose)
     from .pipeline import score_model
     from .recipe import CalibrationSpec, ModelSpec
+    from .runtime import third_party_output
 
     calib = _from_options(
         lambda: CalibrationSpec.from_cli(
@@ -126,7 +136,8 @@ def score(
     spec = _from_options(lambda: ModelSpec(path=model, dtype=dtype))  # type: ignore[arg-type]
     if n_remove is not None and n_remove < 1:
         raise ShortGPTError(f"--n-remove must be at least 1, got {n_remove}")
-    scores = score_model(spec, calib, metric=metric, out=out, n_remove=n_remove, progress=not no_progress)
+    with third_party_output(out.with_suffix(".log")):
+        scores = score_model(spec, calib, metric=metric, out=out, n_remove=n_remove, progress=not no_progress)
     _print_scores(scores.scores, scores.removal_order, scores.metric)
     console.print(f"wrote {out} ({scores.calibration['num_tokens']} calibration tokens, {scores.duration_s:.1f} s)")
 
@@ -169,6 +180,7 @@ def prune(
     from .importance import LayerScores
     from .pipeline import prune_model
     from .recipe import ModelSpec, PruneSpec
+    from .runtime import third_party_output
 
     if (n_remove is not None or ratio is not None) and scores is None:
         raise ShortGPTError("--n-remove and --ratio choose by score: give --scores scores.json (from `score`)")
@@ -185,15 +197,16 @@ def prune(
             protect=_ints(protect, "--protect") or [],
         )
     )
-    plan, notes = prune_model(
-        ModelSpec(path=model),
-        out_dir=out_dir,
-        prune=spec,
-        scores=loaded,
-        dry_run=dry_run,
-        force=force,
-        progress=not no_progress,
-    )
+    with third_party_output(_cache_log("prune") if dry_run else out_dir.with_name(out_dir.name + ".log")):
+        plan, notes = prune_model(
+            ModelSpec(path=model),
+            out_dir=out_dir,
+            prune=spec,
+            scores=loaded,
+            dry_run=dry_run,
+            force=force,
+            progress=not no_progress,
+        )
     out.print(plan.summary())
     for i in plan.remove:
         out.print(f"  layer {i}: {plan.reasons[i]}")
@@ -297,16 +310,18 @@ def quantize(
     _setup_logging(verbose)
     from .quantize import quantize_checkpoint
     from .recipe import CalibrationSpec
+    from .runtime import third_party_output
 
     calib = _from_options(lambda: CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len))
-    result = quantize_checkpoint(
-        model_dir,
-        out_dir=out_dir,
-        scheme=scheme,
-        target=target,  # type: ignore[arg-type]
-        calibration=calib,
-        force=force,
-    )
+    with third_party_output(out_dir.with_name(out_dir.name + ".log")):
+        result = quantize_checkpoint(
+            model_dir,
+            out_dir=out_dir,
+            scheme=scheme,
+            target=target,  # type: ignore[arg-type]
+            calibration=calib,
+            force=force,
+        )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -358,6 +373,7 @@ def evaluate(
     _setup_logging(verbose)
     from .evaluate import evaluate_perplexity, evaluate_tasks
     from .modeling import resolve_checkpoint
+    from .runtime import third_party_output
     from .tasks import parse_task_names
 
     names = parse_task_names(tasks) if tasks is not None else []
@@ -367,35 +383,36 @@ def evaluate(
     run_ppl = perplexity if perplexity is not None else not (names or harness)
     if not run_ppl and not names and not harness:
         raise ShortGPTError("nothing to evaluate: give --tasks, or drop --no-perplexity")
-    ckpt = resolve_checkpoint(model)
-    report: dict[str, Any] = {"model": model}
-    if names:
-        report |= evaluate_tasks(
-            ckpt.path,
-            tasks=names,
-            limit=limit,
-            shots=shots,
-            batch_size=batch_size,
-            add_bos=ckpt.add_bos,
-            progress=not no_progress,
-        )
-        report["model"] = model
-    if run_ppl:
-        result = evaluate_perplexity(
-            ckpt.path,
-            text=text,
-            context_len=context_len,
-            stride=stride,
-            max_tokens=max_tokens,
-            add_bos=ckpt.add_bos,
-            progress=not no_progress,
-        )
-        # Alone, the JSON is as it always was; beside tasks, perplexity gets its own key.
-        report |= {"perplexity": result.to_dict()} if names or harness else result.to_dict()
-    if harness:
-        from .harness import run_lm_eval
+    with third_party_output(_cache_log("eval")):
+        ckpt = resolve_checkpoint(model)
+        report: dict[str, Any] = {"model": model}
+        if names:
+            report |= evaluate_tasks(
+                ckpt.path,
+                tasks=names,
+                limit=limit,
+                shots=shots,
+                batch_size=batch_size,
+                add_bos=ckpt.add_bos,
+                progress=not no_progress,
+            )
+            report["model"] = model
+        if run_ppl:
+            result = evaluate_perplexity(
+                ckpt.path,
+                text=text,
+                context_len=context_len,
+                stride=stride,
+                max_tokens=max_tokens,
+                add_bos=ckpt.add_bos,
+                progress=not no_progress,
+            )
+            # Alone, the JSON is as it always was; beside tasks, perplexity gets its own key.
+            report |= {"perplexity": result.to_dict()} if names or harness else result.to_dict()
+        if harness:
+            from .harness import run_lm_eval
 
-        report["lm_eval"] = run_lm_eval(ckpt.path, harness, limit=limit, shots=shots, batch_size=batch_size)
+            report["lm_eval"] = run_lm_eval(ckpt.path, harness, limit=limit, shots=shots, batch_size=batch_size)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -631,6 +648,7 @@ def analyze(
     from .analyze import ORDERS, AnalysisSettings, check_what, is_run_folder, run_analysis
     from .analyze_plots import summary_rows
     from .recipe import CalibrationSpec
+    from .runtime import third_party_output
     from .tasks import parse_task_names
 
     check_what(what)
@@ -656,7 +674,12 @@ def analyze(
         shots=shots,
         tasks_at=tasks_at,
     )
-    result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
+    if out_dir is not None or is_run_folder(model):  # beside WHAT.json; else the default folder is decided later
+        log = (out_dir or Path(model) / "logs") / f"analyze-{what}.log"
+    else:
+        log = _cache_log(f"analyze-{what}")
+    with third_party_output(log):
+        result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
     title, headers, rows = summary_rows(result.data)
     table = Table(title=title)
     for h in headers:

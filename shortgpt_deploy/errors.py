@@ -1,8 +1,15 @@
 """Project errors. Library code raises these with a message that names the fix; only the CLI prints them."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class ShortGPTError(Exception):
     """Base class: the message is shown to the user as it is, so it must say what to do."""
+
+    # Set by runtime.third_party_output when the error leaves it: where the libraries' output of that step went.
+    log_path: Path | None = None
 
 
 class RecipeError(ShortGPTError):

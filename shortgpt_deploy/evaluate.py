@@ -78,7 +78,7 @@ def perplexity(
     progress: bool = True,
 ) -> Perplexity:
     """exp(mean over predicted tokens of −log p(token | up to `context_len` previous tokens))."""
-    from tqdm.auto import tqdm
+    from .runtime import tqdm
 
     if not 0 < stride <= context_len:
         raise EvalError(f"stride must be in 1..context_len ({context_len}), got {stride}")
@@ -330,7 +330,7 @@ def continuation_loglikelihoods(
     batched longest first with right padding, and only the positions that predict a continuation token are sent
     through the LM head.
     """
-    from tqdm.auto import tqdm
+    from .runtime import tqdm
 
     if batch_size < 1:
         raise EvalError(f"batch size must be at least 1, got {batch_size}")

@@ -129,9 +129,8 @@ def ppl_greedy_order(
     the calibration blocks (R = 28, n = 15: 330). A candidate's pass does not recompute the layers in front of it
     (they replay outputs recorded in the step's first pass), so it costs about half a full pass on average.
     """
-    from tqdm.auto import tqdm
-
     from .modeling import decoder_layers, layers_removed
+    from .runtime import tqdm
 
     start = time.perf_counter()
     num_layers = len(decoder_layers(model))

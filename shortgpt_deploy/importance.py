@@ -191,9 +191,8 @@ def collect_stats(
     progress: bool = True,
 ) -> LayerStats:
     """One forward pass over the calibration set, every layer scored at once; `skip` layers act as removed."""
-    from tqdm.auto import tqdm
-
     from .modeling import decoder_body, decoder_layers, layers_removed
+    from .runtime import tqdm
 
     n = len(decoder_layers(model))
     stats = LayerStats(num_layers=n, cos_sum=[0.0] * n, relmag_sum=[0.0] * n)
@@ -341,7 +340,7 @@ def score_iteratively(
     One-shot BI scores each layer in the full model; after a removal the remaining layers see different
     inputs, so their influence can change. `removal_order` is the sequence of choices.
     """
-    from tqdm.auto import tqdm
+    from .runtime import tqdm
 
     start = time.perf_counter()
     first = score_layers(model, calibration, metric=metric, model_name=model_name, progress=False)

@@ -25,11 +25,12 @@ from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
-from .modeling import Checkpoint, load_model, resolve_checkpoint, tokenizer_adds_bos
+from .modeling import Checkpoint, cache_dir, load_model, resolve_checkpoint, tokenizer_adds_bos
 from .plan import LayerPlan, check_amount, check_request, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
 from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
+from .runtime import third_party_output
 from .stages import LATER_STAGES, STAGE_FUNCTIONS
 from .surgery import prune_checkpoint, read_config_layers
 
@@ -252,10 +253,14 @@ def build(
 ) -> BuildResult:
     """`shortgpt-deploy build`: score → plan → prune, then the recipe's quantize, eval and bench sections, then
     report.md. Raises BuildIncompleteError (after writing the report) if a later stage failed."""
-    choice = preflight(recipe, dry_run=dry_run)  # a bad plan, an unservable scheme or a missing library fails now
-    result = score_and_prune(
-        recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
-    )
+    # The run folder appears only once scored and pruned: until then the libraries' output goes to the cache,
+    # where it stays (and the error names it) if this part fails.
+    early_log = cache_dir() / "logs" / f"{Path(out_dir or recipe.output.dir).name}-score.log"
+    with third_party_output(early_log):
+        choice = preflight(recipe, dry_run=dry_run)  # a bad plan, an unservable scheme or a missing library fails now
+        result = score_and_prune(
+            recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
+        )
     if dry_run:
         return result
     run_dir, manifest = result.run_dir, result.manifest
@@ -268,11 +273,12 @@ def build(
             continue
         logger.info("stage %s", stage)
         try:
-            with manifest.timed(stage):
+            with manifest.timed(stage), third_party_output(run_dir / "logs" / f"{stage}.log"):
                 note = STAGE_FUNCTIONS[stage](recipe, run_dir, manifest, progress=progress)
             manifest.stages[stage] = "complete" + (f" ({note})" if note else "")
         except ShortGPTError as err:
-            logger.error("stage %s failed: %s", stage, err)
+            logged = f" (library output: {err.log_path})" if err.log_path else ""
+            logger.error("stage %s failed: %s%s", stage, err, logged)
             manifest.stages[stage] = f"failed: {err}"
             failed.append(stage)
         except BaseException:
@@ -293,7 +299,7 @@ def build(
         raise BuildIncompleteError(
             f"stage(s) {', '.join(failed)} failed (scores, plan and the pruned checkpoint are complete); "
             + "; ".join(f"{s}: {manifest.stages[s].removeprefix('failed: ').splitlines()[0]}" for s in failed)
-            + f". See {run_dir / 'report.md'} and {run_dir / 'manifest.json'}."
+            + f". See {run_dir / 'report.md'}, {run_dir / 'manifest.json'} and {run_dir / 'logs'}/."
         )
     return result
 

@@ -288,7 +288,7 @@ def prune_checkpoint(
     progress: bool = True,
 ) -> list[str]:
     """Write the pruned checkpoint to `out_dir`; returns the notes on what changed in config.json."""
-    from tqdm.auto import tqdm
+    from .runtime import tqdm
 
     src = Path(src)
     config = read_config(src)

@@ -1,0 +1,138 @@
+"""Low level: third-party output kept off the console and in a log file.
+
+The libraries we call write in four ways: through their loggers (torchao's "Failed to load ... _C_mxfp8 ... .so"
+warnings), as Python warnings, with progress bars and print() on sys.stdout/sys.stderr (transformers' "Loading
+weights", GPTQModel's banner and tables), and from C++ straight to file descriptors 1 and 2 (torch's
+"W1203 ... _pytree.py" lines, logged by handlers that hold the stderr of import time). Only redirecting the
+descriptors catches all four, whichever stream object a library holds. So while `third_party_output(log)` is
+active, descriptors 1 and 2 point at the log; our own output takes `CONSOLE`, which writes to the terminal that
+stderr was before: the CLI's console (and through it our log records), and our progress bars (`tqdm` here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import ShortGPTError
+
+# The terminal of each active capture, innermost last (a capture inside another writes to the same terminal).
+_terminals: list[Any] = []
+
+
+class _Console:
+    """stderr as the user sees it: the terminal during a capture, else whatever sys.stderr is now (a test's
+    buffer, say). Looked up at every write, so streams made during a capture stay correct after it."""
+
+    def _target(self) -> Any:
+        return _terminals[-1] if _terminals else sys.stderr
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+        return getattr(self._target(), name)
+
+
+CONSOLE: Any = _Console()
+
+
+def tqdm(*args: Any, **kwargs: Any) -> Any:
+    """Our progress bars, on the console also while third-party output goes to a log."""
+    from tqdm.auto import tqdm as bar
+
+    kwargs.setdefault("file", CONSOLE)
+    return bar(*args, **kwargs)
+
+
+class _OursOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "shortgpt_deploy" or record.name.startswith("shortgpt_deploy.")
+
+
+def _terminal() -> tuple[Any, bool]:
+    """Where our output goes during a capture, and whether we opened it (and so must close it)."""
+    if _terminals:
+        return _terminals[-1], False
+    try:
+        on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a buffer (pytest, typer's CliRunner): it stays ours
+        on_fd2 = False
+    if not on_fd2:
+        return sys.stderr, False
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return open(os.dup(2), "w", buffering=1, encoding=encoding, errors="backslashreplace"), True  # noqa: SIM115
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+@contextlib.contextmanager
+def third_party_output(log_path: Path) -> Iterator[Path]:
+    """Send what libraries write (loggers, warnings, progress bars, raw writes to fds 1 and 2) to `log_path`
+    (replaced), keeping the console for `CONSOLE` and the `shortgpt_deploy` loggers.
+
+    A project error that passes through names the log (`ShortGPTError.log_path`, shown by the CLI) unless the
+    log stayed empty; an empty log is removed.
+    """
+    log_path = Path(log_path)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_bytes(b"")
+        # Appending: the descriptors and this file object share one file, and each write must land at its end.
+        log = log_path.open("a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except OSError as err:
+        raise ShortGPTError(
+            f"cannot write the log file {log_path}: {err.strerror or err}; choose an output path in a folder you "
+            "can write to"
+        ) from None
+    terminal, opened = _terminal()
+    _flush_std()  # what was written before belongs where it was going
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    _terminals.append(terminal)
+    root = logging.getLogger()
+    to_log = logging.StreamHandler(log)
+    to_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ours = _OursOnly()
+    console_handlers = list(root.handlers)
+    for handler in console_handlers:
+        handler.addFilter(ours)
+    root.addHandler(to_log)
+    showwarning = warnings.showwarning
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
+        warnings.formatwarning(message, category, filename, lineno, line)
+    )
+    error: ShortGPTError | None = None
+    try:
+        yield log_path
+    except ShortGPTError as err:
+        error = err
+        raise
+    finally:
+        _flush_std()  # third-party text still buffered in sys.stdout/sys.stderr belongs in the log
+        warnings.showwarning = showwarning
+        root.removeHandler(to_log)
+        for handler in console_handlers:
+            handler.removeFilter(ours)
+        _terminals.pop()
+        for fd, old in zip((1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
+        if opened:
+            terminal.close()
+        log.close()
+        if log_path.stat().st_size == 0:
+            log_path.unlink()
+        elif error is not None and error.log_path is None:  # the innermost capture saw it first
+            error.log_path = log_path
