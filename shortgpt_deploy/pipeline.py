@@ -261,6 +261,9 @@ def build(
         result = score_and_prune(
             recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
         )
+    if early_log.exists():
+        (result.run_dir / "logs").mkdir(exist_ok=True)
+        shutil.move(early_log, result.run_dir / "logs" / "score.log")
     if dry_run:
         return result
     run_dir, manifest = result.run_dir, result.manifest
