@@ -32,8 +32,10 @@ class NormalEquations:
     num_tokens: int = 0
 
     @classmethod
-    def zeros(cls, dim: int) -> NormalEquations:
-        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
+    def zeros(cls, dim: int, device: torch.device | str | None = None) -> NormalEquations:
+        """Empty sums on `device`: where the activations are, so a GPU does the d×d products."""
+        z = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        return cls(z, z.clone())
 
     def add(self, m: torch.Tensor, h: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Fold in one batch ([..., d] each; `mask` [...] is 0 on padding, whose tokens are left out)."""
@@ -62,7 +64,7 @@ def solve_full(eq: NormalEquations, *, ridge: float) -> torch.Tensor:
     directions the calibration tokens never reach keep the layer's own output.
     """
     lam = ridge_lambda(eq, ridge)
-    eye = torch.eye(eq.mtm.shape[0], dtype=torch.float64)
+    eye = torch.eye(eq.mtm.shape[0], dtype=torch.float64, device=eq.mtm.device)
     return torch.linalg.solve(eq.mtm + lam * eye, eq.mtr + lam * eye)
 
 
@@ -97,7 +99,7 @@ class FitError:
 
 
 def fit_error(eq: NormalEquations, t: torch.Tensor) -> FitError:
-    identity = torch.ones(eq.mtm.shape[0], dtype=torch.float64)  # diag(1) = I
+    identity = torch.ones(eq.mtm.shape[0], dtype=torch.float64, device=eq.mtm.device)  # diag(1) = I
     before, after = squared_error(eq, identity), squared_error(eq, t)
     rr, yy = max(eq.rr, 1e-300), max(eq.yy, 1e-300)
     return FitError((before / rr) ** 0.5, (after / rr) ** 0.5, (before / yy) ** 0.5, (after / yy) ** 0.5)

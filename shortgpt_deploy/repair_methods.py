@@ -235,10 +235,10 @@ def repair_linear(
             y = capture(dense, batch, {"y": (dense_layers[gap.target], "out")}, "y")["y"]
             got = capture(student, batch, {"m": (branch, "out"), "out": (layer, "out")}, "out")
             m, h, mask = got["m"], got["out"] - got["m"], batch.attention_mask.to(y.device).bool()
-            eq = eq or fit.NormalEquations.zeros(m.shape[-1])
+            eq = eq or fit.NormalEquations.zeros(m.shape[-1], device=m.device)
             eq.add(m, h, y, mask)
             if options.objective == "cosine" and kept < options.cosine_max_tokens:
-                rows = [x[mask][: options.cosine_max_tokens - kept].cpu() for x in (m, h, y)]
+                rows = [x[mask][: options.cosine_max_tokens - kept] for x in (m, h, y)]
                 samples.append(tuple(rows))
                 kept += rows[0].shape[0]
             bar.update(1)
