@@ -98,6 +98,8 @@ def repair_checkpoint(
     options = options or RepairOptions()
     if method not in METHODS:
         raise RepairError(f"unknown repair method {method!r}; known: {', '.join(METHODS)}")
+    if not calibration.batches:
+        raise RepairError(f"calibration {calibration.source} has no batches: the repair fits on calibration text")
     if out_dir.resolve() == pruned_dir.resolve():
         raise RepairError(f"the repair's output folder {out_dir} is its input; choose another output folder")
     for folder in (dense_dir, pruned_dir):

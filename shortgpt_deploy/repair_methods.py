@@ -221,28 +221,14 @@ def repair_linear(
     from .modeling import decoder_layers
 
     gaps = find_gaps(plan)
-    dense_layers, student_layers = decoder_layers(dense), decoder_layers(student)
+    student_layers = decoder_layers(student)
     results, changed = [], {}
     bar = tqdm(total=len(gaps) * len(calibration.batches), desc="repair linear", unit="batch", disable=not progress)
     for gap in gaps:
         start = time.perf_counter()
         layer = student_layers[gap.anchor_new]
-        branch, diagonal = mlp_branch(layer)
-        eq: fit.NormalEquations | None = None
-        samples: list[tuple[torch.Tensor, ...]] = []
-        kept = 0
-        for batch in calibration.batches:
-            y = capture(dense, batch, {"y": (dense_layers[gap.target], "out")}, "y")["y"]
-            got = capture(student, batch, {"m": (branch, "out"), "out": (layer, "out")}, "out")
-            m, h, mask = got["m"], got["out"] - got["m"], batch.attention_mask.to(y.device).bool()
-            eq = eq or fit.NormalEquations.zeros(m.shape[-1], device=m.device)
-            eq.add(m, h, y, mask)
-            if options.objective == "cosine" and kept < options.cosine_max_tokens:
-                rows = [x[mask][: options.cosine_max_tokens - kept] for x in (m, h, y)]
-                samples.append(tuple(rows))
-                kept += rows[0].shape[0]
-            bar.update(1)
-        assert eq is not None
+        _, diagonal = mlp_branch(layer)
+        eq, samples = _gap_sums(dense, student, gap, calibration, options, bar.update)
         if not diagonal and eq.num_tokens < eq.mtm.shape[0]:
             logger.warning(
                 "gap %s: %d tokens for a %d-wide T; the ridge decides the rest",
@@ -271,6 +257,40 @@ def repair_linear(
         results.append(record)
     bar.close()
     return results, changed
+
+
+def _gap_sums(
+    dense: PreTrainedModel,
+    student: PreTrainedModel,
+    gap: Gap,
+    calibration: CalibrationSet,
+    options: RepairOptions,
+    tick: Callable[[int], Any],
+) -> tuple[fit.NormalEquations, list[tuple[torch.Tensor, ...]]]:
+    """One pass over the calibration set: the dense state after the gap (Y), and the student's anchor layer
+    output split into its MLP branch (M) and the rest (H); summed, and kept as rows for the cosine steps."""
+    from .modeling import decoder_layers
+
+    layer = decoder_layers(student)[gap.anchor_new]
+    branch, _ = mlp_branch(layer)
+    target = decoder_layers(dense)[gap.target]
+    eq: fit.NormalEquations | None = None
+    samples: list[tuple[torch.Tensor, ...]] = []
+    kept = 0
+    for batch in calibration.batches:
+        y = capture(dense, batch, {"y": (target, "out")}, "y")["y"]
+        got = capture(student, batch, {"m": (branch, "out"), "out": (layer, "out")}, "out")
+        m, h, mask = got["m"], got["out"] - got["m"], batch.attention_mask.to(y.device).bool()
+        eq = eq or fit.NormalEquations.zeros(m.shape[-1], device=m.device)
+        eq.add(m, h, y, mask)
+        if options.objective == "cosine" and kept < options.cosine_max_tokens:
+            rows = [x[mask][: options.cosine_max_tokens - kept] for x in (m, h, y)]
+            samples.append(tuple(rows))
+            kept += rows[0].shape[0]
+        tick(1)
+    if eq is None:
+        raise RepairError("the calibration set has no batches: the repair needs calibration text")
+    return eq, samples
 
 
 def repair_scale(

@@ -340,6 +340,10 @@ def test_refusals_leave_nothing_behind(tiny_checkpoint, tmp_path):
     cal = calibration(n_batches=1)
     with pytest.raises(RepairError, match="unknown repair method 'distil'"):
         repair_checkpoint(dense, pruned, out_dir=tmp_path / "x", calibration=cal, method="distil")
+    with pytest.raises(RepairError, match="no batches"):
+        repair_checkpoint(
+            dense, pruned, out_dir=tmp_path / "x", calibration=CalibrationSet([], "empty", 0, 8, 0, False)
+        )
     with pytest.raises(RepairError, match="objective"):
         RepairOptions(objective="l1")
     wrong = make_plan(num_layers=6, layers=[1, 2], protect=[])
