@@ -3,6 +3,8 @@ recovered to the dense logits, and embeddings (tied or not) never touched."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from shortgpt_deploy.repair import (
     write_repaired,
 )
 from shortgpt_deploy.repair_methods import find_gaps, fold, mlp_branch
-from shortgpt_deploy.surgery import prune_checkpoint, read_layer_tensors
+from shortgpt_deploy.surgery import PLAN_FILE, prune_checkpoint, read_layer_tensors
 
 TOL = 1e-5
 
@@ -354,4 +356,23 @@ def test_refusals_leave_nothing_behind(tiny_checkpoint, tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(OutputExistsError, match="--force"):
         repair_checkpoint(dense, pruned, out_dir=tmp_path / "x", calibration=cal)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "pruned", "x"]
+    shutil.copytree(pruned, tmp_path / "noplan")
+    (tmp_path / "noplan" / PLAN_FILE).unlink()
+    with pytest.raises(RepairError, match="has no shortgpt_plan.json"):
+        repair_checkpoint(dense, tmp_path / "noplan", out_dir=tmp_path / "y", calibration=cal)
+    config = json.loads((pruned / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "noplan" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RepairError, match="GPTQ-quantized: .* quantize the repaired one"):
+        repair_checkpoint(dense, tmp_path / "noplan", out_dir=tmp_path / "y", calibration=cal)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "noplan", "pruned", "x"]
+
+
+def test_scale_of_a_gap_at_the_end_changes_nothing(tiny_checkpoint, tmp_path):
+    """After the last layer only the final norm follows, which undoes any scale: nothing to fold."""
+    dense, pruned = pruned_pair(tiny_checkpoint, tmp_path, "llama", [5])
+    result = repair_checkpoint(
+        dense, pruned, out_dir=tmp_path / "s", calibration=calibration(1), method="scale", progress=False
+    )
+    assert result.gaps[0].folded_into == [] and "ends the model" in result.notes[0]
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
