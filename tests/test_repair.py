@@ -244,7 +244,10 @@ def test_linear_recovers_an_exactly_linear_gap(tiny_checkpoint, tmp_path, monkey
     assert RepairResult.load(tmp_path / "repaired" / REPAIR_FILE).to_dict() == result.to_dict()
 
 
-@pytest.mark.parametrize(("family", "overrides"), [("llama", {"mlp_bias": True}), ("gemma3_text", {})])
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("llama", {"mlp_bias": True})] + [(f, {}) for f in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")],
+)
 def test_folding_is_exact(tiny_checkpoint, tmp_path, family, overrides):
     """A map T applied to the MLP branch by a hook, and T folded and saved, give the same logits (bias included;
     Gemma3: a diagonal T through post_feedforward_layernorm's (1 + w))."""
@@ -279,7 +282,7 @@ def test_folding_is_exact(tiny_checkpoint, tmp_path, family, overrides):
     assert (logits(load(out), cal) - want).abs().max() < TOL
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3_text", "phi3"])
 def test_scale_is_a_stream_rescale_and_never_touches_tied_embeddings(tiny_checkpoint, tmp_path, family):
     """Exact up to the norms' eps (rms² + eps is not scale-free): the tiny model's hidden states are so small
     (‖h‖²/d ~ 1e-3) that the default 1e-6 would show at 1e-4, so the test sets it far below them."""
