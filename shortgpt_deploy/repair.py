@@ -201,12 +201,13 @@ def write_repaired(
 
 def _notes(method: str, gaps: list[GapRepair]) -> list[str]:
     notes = []
+    diagonal = [g.removed for g in gaps if g.kind == "diagonal"]
+    if diagonal:
+        notes.append(
+            f"gaps {', '.join(map(str, diagonal))}: the MLP output passes through post_feedforward_layernorm "
+            "(Gemma2/3), which would undo a full T; a diagonal T is folded into that norm's weight"
+        )
     for g in gaps:
-        if g.kind == "diagonal":
-            notes.append(
-                f"gap {g.removed}: the MLP output passes through post_feedforward_layernorm (Gemma2/3), which would "
-                "undo a full T; a diagonal T is folded into that norm's weight"
-            )
         if g.side == "after":
             notes.append(
                 f"gap {g.removed} starts at layer 0: T is folded into the first kept layer after it (dense layer "
