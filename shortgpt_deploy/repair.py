@@ -1,0 +1,241 @@
+"""Repair a pruned checkpoint without training: `repair_checkpoint(dense_dir, pruned_dir, ...) -> RepairResult`.
+
+It fits on calibration text (methods in repair_methods.py, math in repair_fit.py), changes a few existing
+tensors, and writes a stock checkpoint with the pruned one's architecture, tensor names and shapes, so
+transformers, GPTQ and vLLM take it as it is. Output is built in a temporary folder beside `out_dir` and
+renamed into place when complete (surgery's transaction); unchanged shards are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UnsupportedArchitectureError
+from .files import atomic_write_text
+from .plan import LayerPlan
+from .repair_methods import METHODS, GapRepair, RepairError, RepairOptions
+from .surgery import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    commit_output,
+    copy_side_files,
+    prepare_output,
+    read_config_layers,
+    read_layer_tensors,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .calibration import CalibrationSet
+
+__all__ = ["REPAIR_FILE", "RepairError", "RepairOptions", "RepairResult", "GapRepair", "repair_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+REPAIR_FILE = "shortgpt_repair.json"  # what was fitted travels with the checkpoint, like the plan
+METHOD_TITLES = {
+    "linear": "linear (ReplaceMe, arXiv 2505.02819)",
+    "scale": "scale (after Prune&Comp, arXiv 2507.18212)",
+}
+
+
+@dataclass
+class RepairResult:
+    """What repair.json holds: how the repaired checkpoint was made, and how well each gap was fitted."""
+
+    method: str
+    options: dict[str, Any]
+    dense: str
+    pruned: str
+    out_dir: str
+    data: dict[str, Any]  # calibration.describe(): source, samples, seq_len, seed, add_bos, num_tokens
+    tokens: int
+    time_s: float
+    gaps: list[GapRepair]
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RepairResult:
+        try:
+            d = json.loads(Path(path).read_text())
+            d["gaps"] = [GapRepair(**g) for g in d["gaps"]]
+            return cls(**d)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RepairError(f"{path} is not a repair.json written by shortgpt-deploy: {err}") from None
+
+
+def repair_checkpoint(
+    dense_dir: Path,
+    pruned_dir: Path,
+    *,
+    out_dir: Path,
+    calibration: CalibrationSet,
+    method: str = "linear",
+    plan: LayerPlan | None = None,
+    options: RepairOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RepairResult:
+    """Repair `pruned_dir` (pruned from `dense_dir` by `plan`, default: its shortgpt_plan.json) into `out_dir`."""
+    from .modeling import decoder_layers, is_gptq_folder, load_model
+
+    start = time.perf_counter()
+    dense_dir, pruned_dir, out_dir = Path(dense_dir), Path(pruned_dir), Path(out_dir)
+    options = options or RepairOptions()
+    if method not in METHODS:
+        raise RepairError(f"unknown repair method {method!r}; known: {', '.join(METHODS)}")
+    if not calibration.batches:
+        raise RepairError(f"calibration {calibration.source} has no batches: the repair fits on calibration text")
+    if out_dir.resolve() == pruned_dir.resolve():
+        raise RepairError(f"the repair's output folder {out_dir} is its input; choose another output folder")
+    for folder in (dense_dir, pruned_dir):
+        if is_gptq_folder(folder):
+            raise RepairError(
+                f"{folder} is GPTQ-quantized: repairs fold into float weights; repair the float pruned checkpoint "
+                "and quantize the repaired one"
+            )
+    plan = plan or _saved_plan(pruned_dir)
+    _check_plan(plan, dense_dir, pruned_dir)
+    headers, prefix = read_layer_tensors(pruned_dir, len(plan.keep))
+    tmp = prepare_output(out_dir, force=force)  # refuses an existing output before any work
+    try:
+        dense, _ = load_model(dense_dir, dtype=options.dtype)
+        student, _ = load_model(pruned_dir, dtype=options.dtype)
+        dense.to(options.device)
+        student.to(options.device)
+        if len(decoder_layers(student)) != len(plan.keep):
+            raise RepairError(
+                f"{pruned_dir} loads with {len(decoder_layers(student))} layers, the plan keeps {len(plan.keep)}"
+            )
+        gaps, changed = METHODS[method](
+            dense, student, plan, calibration, prefix=prefix, options=options, progress=progress
+        )
+        result = RepairResult(
+            method=method,
+            options=asdict(options),
+            dense=str(dense_dir),
+            pruned=str(pruned_dir),
+            out_dir=str(out_dir),
+            data=calibration.describe(),
+            tokens=calibration.num_tokens,
+            time_s=0.0,
+            gaps=gaps,
+            notes=_notes(method, gaps),
+        )
+        write_repaired(pruned_dir, tmp, headers, changed)
+        result.time_s = time.perf_counter() - start
+        (tmp / "README.md").write_text(_model_card(pruned_dir, result))
+        result.save(tmp / REPAIR_FILE)
+        commit_output(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("repair %s: %d gaps, %d tensors changed, %.1f s", method, len(gaps), len(changed), result.time_s)
+    return result
+
+
+def _saved_plan(pruned_dir: Path) -> LayerPlan:
+    path = pruned_dir / PLAN_FILE
+    if not path.is_file():
+        raise RepairError(
+            f"{pruned_dir} has no {PLAN_FILE}: give the plan the checkpoint was pruned with (plan.json of its run)"
+        )
+    return LayerPlan.load(path)
+
+
+def _check_plan(plan: LayerPlan, dense_dir: Path, pruned_dir: Path) -> None:
+    if not plan.remove:
+        raise RepairError("the plan removes no layers: there is nothing to repair")
+    dense_n, pruned_n = read_config_layers(dense_dir), read_config_layers(pruned_dir)
+    if dense_n != plan.num_layers_before or pruned_n != plan.num_layers_after:
+        raise RepairError(
+            f"the plan goes from {plan.num_layers_before} to {plan.num_layers_after} layers, but {dense_dir} has "
+            f"{dense_n} and {pruned_dir} has {pruned_n}: give the dense model and plan this checkpoint was pruned with"
+        )
+
+
+def write_repaired(
+    pruned_dir: Path, tmp: Path, headers: dict[Path, dict[str, Any]], changed: dict[str, torch.Tensor]
+) -> None:
+    """The pruned folder with `changed` tensors replaced (in their stored dtype); other shards copied as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    stored = {name for h in headers.values() for name in h}
+    missing = sorted(set(changed) - stored)
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"the repair changed {missing[0]}, which {pruned_dir} does not store under that name; this "
+            "architecture's tensor names are not supported by the repair yet"
+        )
+    for shard, header in headers.items():
+        mine = [n for n in header if n in changed]
+        if not mine:
+            shutil.copy2(shard, tmp / shard.name)
+            continue
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(shard))
+        for name in mine:
+            tensors[name] = changed[name].detach().to("cpu", tensors[name].dtype).contiguous()
+        save_file(tensors, str(tmp / shard.name), metadata=metadata)
+    for name in ("config.json", WEIGHTS_INDEX, PLAN_FILE):
+        if (pruned_dir / name).is_file():
+            shutil.copy2(pruned_dir / name, tmp / name)
+    copy_side_files(pruned_dir, tmp)
+
+
+def _notes(method: str, gaps: list[GapRepair]) -> list[str]:
+    notes = []
+    diagonal = [g.removed for g in gaps if g.kind == "diagonal"]
+    if diagonal:
+        notes.append(
+            f"gaps {', '.join(map(str, diagonal))}: the MLP output passes through post_feedforward_layernorm "
+            "(Gemma2/3), which would undo a full T; a diagonal T is folded into that norm's weight"
+        )
+    for g in gaps:
+        if g.side == "after":
+            notes.append(
+                f"gap {g.removed} starts at layer 0: T is folded into the first kept layer after it (dense layer "
+                f"{g.anchor}), fitted to that layer's dense output; embeddings are never changed"
+            )
+        if method == "scale" and not g.folded_into:
+            notes.append(f"gap {g.removed} ends the model: the final norm makes its scale irrelevant; nothing changed")
+    return notes
+
+
+def _model_card(pruned_dir: Path, result: RepairResult) -> str:
+    card = (pruned_dir / "README.md").read_text() if (pruned_dir / "README.md").is_file() else ""
+    if result.method == "scale":
+        head, rows = (
+            "| removed layers | α | tensors rescaled |\n|---|---|---|",
+            [f"| {g.removed} | {g.alpha:.4g} | {len(g.folded_into)} |" for g in result.gaps],
+        )
+    else:
+        head = "| removed layers | folded into | fit error before → after | hidden-state error before → after |"
+        head += "\n|---|---|---|---|"
+        rows = [
+            f"| {g.removed} | {', '.join(g.folded_into)} | {g.fit_rel_error_before:.4g} → {g.fit_rel_error:.4g} | "
+            f"{g.state_rel_error_before:.4g} → {g.state_rel_error:.4g} |"
+            for g in result.gaps
+        ]
+    notes = "".join(f"\n- {n}" for n in result.notes)
+    return (
+        f"{card.rstrip()}\n\n## Repair: {METHOD_TITLES[result.method]}\n\n"
+        f"Fitted on {result.tokens} tokens of {result.data.get('source', '?')} in {result.time_s:.1f} s; "
+        f"tensor names and shapes are those of the pruned checkpoint.\n\n{head}\n" + "\n".join(rows) + f"\n{notes}\n"
+    )
