@@ -3,7 +3,7 @@
 It fits on calibration text (methods in repair_methods.py, math in repair_fit.py), changes a few existing
 tensors, and writes a stock checkpoint with the pruned one's architecture, tensor names and shapes, so
 transformers, GPTQ and vLLM take it as it is. Output is built in a temporary folder beside `out_dir` and
-renamed into place when complete (surgery's transaction); unchanged shards are copied byte for byte.
+renamed into place when complete (checkpoint.output_transaction); unchanged shards are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -16,19 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import output_transaction, read_config_layers
 from .errors import UnsupportedArchitectureError
 from .files import atomic_write_text
 from .plan import LayerPlan
 from .repair_methods import METHODS, GapRepair, RepairError, RepairOptions
-from .surgery import (
-    PLAN_FILE,
-    WEIGHTS_INDEX,
-    commit_output,
-    copy_side_files,
-    prepare_output,
-    read_config_layers,
-    read_layer_tensors,
-)
+from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -111,8 +104,7 @@ def repair_checkpoint(
     plan = plan or _saved_plan(pruned_dir)
     _check_plan(plan, dense_dir, pruned_dir)
     headers, prefix = read_layer_tensors(pruned_dir, len(plan.keep))
-    tmp = prepare_output(out_dir, force=force)  # refuses an existing output before any work
-    try:
+    with output_transaction(out_dir, force=force) as tmp:  # refuses an existing output before any work
         dense, _ = load_model(dense_dir, dtype=options.dtype)
         student, _ = load_model(pruned_dir, dtype=options.dtype)
         dense.to(options.device)
@@ -140,10 +132,6 @@ def repair_checkpoint(
         result.time_s = time.perf_counter() - start
         (tmp / "README.md").write_text(_model_card(pruned_dir, result))
         result.save(tmp / REPAIR_FILE)
-        commit_output(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("repair %s: %d gaps, %d tensors changed, %.1f s", method, len(gaps), len(changed), result.time_s)
     return result
 
