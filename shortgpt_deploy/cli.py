@@ -294,6 +294,62 @@ def _append_bench_section(path: Path, summary: dict[str, Any]) -> None:
 
 @app.command()
 @handles_errors
+def repair(
+    pruned_dir: Annotated[
+        Path, typer.Argument(help="A pruned checkpoint folder (it keeps its plan), e.g. runs/NAME/pruned.")
+    ],
+    dense: Annotated[str, typer.Option(help="The model it was pruned from (any model spec `score` takes).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the repaired checkpoint.")],
+    method: Annotated[str, typer.Option(help="linear, scale, or a chain applied in order: linear,scale.")] = "linear",
+    objective: Annotated[str, typer.Option(help="linear: lstsq (closed form) or cosine.")] = "lstsq",
+    ridge: Annotated[float, typer.Option(help="linear: pull T towards the identity.")] = 1e-4,
+    calibration: Annotated[str, typer.Option(help="Text to fit on, as for `score`.")] = "austen:emma",
+    samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    no_progress: NoProgress = False,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+) -> None:
+    """Repair a pruned checkpoint by fitting on calibration text and folding the fix into its weights."""
+    _setup_logging(verbose)
+    from .modeling import resolve_checkpoint
+    from .recipe import CalibrationSpec, ModelSpec, RepairSpec
+    from .repair import repair_pruned
+    from .runtime import third_party_output
+
+    calib = _from_options(lambda: CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len))
+    spec = _from_options(
+        lambda: RepairSpec(
+            method=[m.strip() for m in method.split(",") if m.strip()],  # type: ignore[arg-type]
+            objective=objective,  # type: ignore[arg-type]
+            ridge=ridge,
+            samples=samples,
+            seq_len=seq_len,
+            batch_size=batch_size,
+        )
+    )
+    model = _from_options(lambda: ModelSpec(path=dense))
+    with third_party_output(out_dir.with_name(out_dir.name + ".log")):
+        source = resolve_checkpoint(model.path, revision=model.revision)
+        result = repair_pruned(
+            source.path, pruned_dir, out_dir=out_dir, repair=spec, calibration=calib, add_bos=source.add_bos,
+            force=force, progress=not no_progress,
+        )  # fmt: skip
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    for g in result.gaps:
+        if g.fit_rel_error is not None:
+            out.print(f"  gap {g.removed}: fit error {g.fit_rel_error_before:.4g} → {g.fit_rel_error:.4g}")
+        elif g.alpha is not None:
+            out.print(f"  gap {g.removed}: α {g.alpha:.4g}")
+    out.print(f"{' then '.join(result.methods)} on {result.tokens} tokens in {result.time_s:.0f} s → {out_dir}")
+
+
+@app.command()
+@handles_errors
 def quantize(
     model_dir: Annotated[Path, typer.Argument(help="A float checkpoint folder, e.g. runs/NAME/pruned.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the quantized checkpoint.")],

@@ -339,6 +339,11 @@ def preflight(recipe: Recipe, *, dry_run: bool = False) -> QuantizeChoice | None
             f"prune.plot: {checkpoint.path} is quantized and cannot be scored here; drop plot: true (explicit "
             "layers need no scores)"
         )
+    if recipe.repair is not None and _is_quantized(checkpoint.path):
+        raise PlanError(
+            f"repair: {checkpoint.path} is quantized; repairs fold into float weights: prune the float model, "
+            "repair it, then quantize the repaired one (quantize.variants: [repaired])"
+        )
     if dry_run:
         return None
     choice = None

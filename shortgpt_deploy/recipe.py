@@ -202,10 +202,38 @@ class OutputSpec(_Section):
 
 
 # The checkpoints a build can produce, by the names used in run folders, eval.json and the benchmark.
-SOURCE_VARIANTS = ("dense", "pruned")  # the float checkpoints: the recipe's model, and it pruned
+SOURCE_VARIANTS = ("dense", "pruned", "repaired")  # the float checkpoints: the model, it pruned, that repaired
 QUANTIZED_SUFFIX = "-gptq"
 VARIANTS = (*SOURCE_VARIANTS, *(v + QUANTIZED_SUFFIX for v in SOURCE_VARIANTS))
-VariantName = Literal["dense", "pruned", "dense-gptq", "pruned-gptq"]
+VariantName = Literal["dense", "pruned", "repaired", "dense-gptq", "pruned-gptq", "repaired-gptq"]
+RepairMethod = Literal["linear", "scale"]
+
+
+class RepairSpec(_Section):
+    """Repair of the pruned model, folded into its weights (a stock checkpoint, same shapes): repaired/."""
+
+    method: list[RepairMethod] = Field(
+        min_length=1,
+        description="Applied in this order to the same model: linear (ReplaceMe: a fitted map per gap folded into "
+        "down_proj), scale (per-gap magnitude compensation).",
+    )
+    objective: Literal["lstsq", "cosine"] = Field(default="lstsq", description="linear: least squares or cosine.")
+    ridge: float = Field(default=1e-4, ge=0, description="linear: pull T towards the identity (relative to MᵀM).")
+    samples: int = Field(default=64, ge=1, description="Blocks of the recipe's calibration text to fit on.")
+    seq_len: int = Field(default=256, ge=8)
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("method")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each method once: {value}")
+        return value
 
 
 class QuantizeSpec(_Section):
@@ -213,9 +241,9 @@ class QuantizeSpec(_Section):
 
     scheme: str = Field(default="auto", description="auto (what the serving target can run), w4a16 or w8a16.")
     target: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="Where it will be served.")
-    variants: list[Literal["dense", "pruned"]] = Field(
+    variants: list[Literal["dense", "pruned", "repaired"]] = Field(
         default_factory=lambda: ["dense", "pruned"],
-        description="Checkpoints to quantize; both give the paper's Table 2 shape (the savings add up).",
+        description="Checkpoints to quantize; dense and pruned give the paper's Table 2 shape (the savings add up).",
     )
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=8)
@@ -323,6 +351,7 @@ class Recipe(_Section):
     model: ModelSpec
     calibration: CalibrationSpec
     prune: PruneSpec
+    repair: RepairSpec | None = None
     quantize: QuantizeSpec | None = None
     eval: EvalSpec | None = None
     serve: ServeSpec | None = None
@@ -339,6 +368,10 @@ class Recipe(_Section):
                 f"bench variant(s) {', '.join(missing)} need a quantize section that quantizes "
                 f"{', '.join(v.removesuffix(QUANTIZED_SUFFIX) for v in missing)}"
             )
+        if self.repair is None:
+            wanted = [*(self.quantize.variants if self.quantize else []), *(self.bench.variants if self.bench else [])]
+            if any(v.startswith("repaired") for v in wanted):
+                raise ValueError("quantize or bench names the repaired variant but there is no repair section")
         if self.eval is not None and self.calibration.offline is not None:
             if self.eval.text.removeprefix("offline:") == self.calibration.offline.removeprefix("offline:"):
                 raise ValueError(
@@ -377,7 +410,7 @@ def option_errors(err: ValidationError, options: dict[str, str] | None = None) -
         if not e["loc"]:  # a rule across fields (model_validator): its message says what to do
             lines.append(e["msg"].removeprefix("Value error, "))
             continue
-        name = str(e["loc"][-1])
+        name = str(next(p for p in reversed(e["loc"]) if isinstance(p, str)))  # a list item's error: the list's
         option = (options or {}).get(name, "--" + name.replace("_", "-"))
         field = section.model_fields.get(name) if section else None
         if e["type"] in _BOUND_ERRORS and field is not None:

@@ -27,12 +27,24 @@ if TYPE_CHECKING:
     import torch
 
     from .calibration import CalibrationSet
+    from .recipe import CalibrationSpec, RepairSpec
 
-__all__ = ["REPAIR_FILE", "RepairError", "RepairOptions", "RepairResult", "GapRepair", "repair_checkpoint"]
+__all__ = [
+    "REPAIR_FILE",
+    "REPAIR_RESULT",
+    "GapRepair",
+    "RepairError",
+    "RepairOptions",
+    "RepairResult",
+    "RepairStep",
+    "repair_checkpoint",
+    "repair_pruned",
+]
 
 logger = logging.getLogger(__name__)
 
 REPAIR_FILE = "shortgpt_repair.json"  # what was fitted travels with the checkpoint, like the plan
+REPAIR_RESULT = "repair.json"  # the same, in a build's run folder
 METHOD_TITLES = {
     "linear": "linear (ReplaceMe, arXiv 2505.02819)",
     "scale": "scale (after Prune&Comp, arXiv 2507.18212)",
@@ -40,10 +52,20 @@ METHOD_TITLES = {
 
 
 @dataclass
+class RepairStep:
+    """One method's pass over the model (a chain such as [linear, scale] has one per method, in order)."""
+
+    method: str
+    time_s: float
+    gaps: list[GapRepair]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RepairResult:
     """What repair.json holds: how the repaired checkpoint was made, and how well each gap was fitted."""
 
-    method: str
+    methods: list[str]
     options: dict[str, Any]
     dense: str
     pruned: str
@@ -51,9 +73,16 @@ class RepairResult:
     data: dict[str, Any]  # calibration.describe(): source, samples, seq_len, seed, add_bos, num_tokens
     tokens: int
     time_s: float
-    gaps: list[GapRepair]
-    notes: list[str] = field(default_factory=list)
-    schema_version: int = 1
+    steps: list[RepairStep]
+    schema_version: int = 2
+
+    @property
+    def gaps(self) -> list[GapRepair]:
+        return [g for step in self.steps for g in step.gaps]
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for step in self.steps for n in step.notes]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +94,9 @@ class RepairResult:
     def load(cls, path: Path) -> RepairResult:
         try:
             d = json.loads(Path(path).read_text())
-            d["gaps"] = [GapRepair(**g) for g in d["gaps"]]
+            d["steps"] = [
+                RepairStep(**(step | {"gaps": [GapRepair(**g) for g in step["gaps"]]})) for step in d["steps"]
+            ]
             return cls(**d)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise RepairError(f"{path} is not a repair.json written by shortgpt-deploy: {err}") from None
@@ -77,20 +108,28 @@ def repair_checkpoint(
     *,
     out_dir: Path,
     calibration: CalibrationSet,
-    method: str = "linear",
+    method: str | list[str] = "linear",
     plan: LayerPlan | None = None,
     options: RepairOptions | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> RepairResult:
-    """Repair `pruned_dir` (pruned from `dense_dir` by `plan`, default: its shortgpt_plan.json) into `out_dir`."""
+    """Repair `pruned_dir` (pruned from `dense_dir` by `plan`, default: its shortgpt_plan.json) into `out_dir`.
+
+    `method` is one method or a chain, applied in order to the same model in memory (each fits on the model as
+    the previous one left it); the checkpoint is written once, at the end.
+    """
     from .modeling import decoder_layers, is_gptq_folder, load_model
 
     start = time.perf_counter()
     dense_dir, pruned_dir, out_dir = Path(dense_dir), Path(pruned_dir), Path(out_dir)
     options = options or RepairOptions()
-    if method not in METHODS:
-        raise RepairError(f"unknown repair method {method!r}; known: {', '.join(METHODS)}")
+    methods = [method] if isinstance(method, str) else list(method)
+    for name in methods:
+        if name not in METHODS:
+            raise RepairError(f"unknown repair method {name!r}; known: {', '.join(METHODS)}")
+    if not methods or len(set(methods)) != len(methods):
+        raise RepairError(f"repair methods {methods}: give each of {', '.join(METHODS)} at most once, in order")
     if not calibration.batches:
         raise RepairError(f"calibration {calibration.source} has no batches: the repair fits on calibration text")
     if out_dir.resolve() == pruned_dir.resolve():
@@ -113,11 +152,16 @@ def repair_checkpoint(
             raise RepairError(
                 f"{pruned_dir} loads with {len(decoder_layers(student))} layers, the plan keeps {len(plan.keep)}"
             )
-        gaps, changed = METHODS[method](
-            dense, student, plan, calibration, prefix=prefix, options=options, progress=progress
-        )
+        steps, changed = [], {}
+        for name in methods:
+            began = time.perf_counter()
+            gaps, step_changed = METHODS[name](
+                dense, student, plan, calibration, prefix=prefix, options=options, progress=progress
+            )
+            changed.update(step_changed)
+            steps.append(RepairStep(name, time.perf_counter() - began, gaps, _notes(name, gaps)))
         result = RepairResult(
-            method=method,
+            methods=methods,
             options=asdict(options),
             dense=str(dense_dir),
             pruned=str(pruned_dir),
@@ -125,15 +169,49 @@ def repair_checkpoint(
             data=calibration.describe(),
             tokens=calibration.num_tokens,
             time_s=0.0,
-            gaps=gaps,
-            notes=_notes(method, gaps),
+            steps=steps,
         )
         write_repaired(pruned_dir, tmp, headers, changed)
         result.time_s = time.perf_counter() - start
         (tmp / "README.md").write_text(_model_card(pruned_dir, result))
         result.save(tmp / REPAIR_FILE)
-    logger.info("repair %s: %d gaps, %d tensors changed, %.1f s", method, len(gaps), len(changed), result.time_s)
+    logger.info("repair %s: %d tensors changed, %.1f s", "+".join(methods), len(changed), result.time_s)
     return result
+
+
+def repair_pruned(
+    dense_dir: Path,
+    pruned_dir: Path,
+    *,
+    out_dir: Path,
+    repair: RepairSpec,
+    calibration: CalibrationSpec,
+    add_bos: bool | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RepairResult:
+    """`repair_checkpoint` as a recipe's repair section asks, fitted on `calibration`'s text cut into the
+    section's samples × seq_len blocks (add_bos None: as the pruned model's tokenizer does)."""
+    from transformers import AutoTokenizer
+
+    from .calibration import build_calibration, load_documents
+    from .modeling import tokenizer_adds_bos
+
+    sizes = {"samples": repair.samples, "seq_len": repair.seq_len, "batch_size": repair.batch_size}
+    spec = calibration.model_copy(update=sizes)
+    docs = load_documents(spec)  # a bad calibration file fails before the models load
+    tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
+    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    return repair_checkpoint(
+        dense_dir,
+        pruned_dir,
+        out_dir=out_dir,
+        calibration=build_calibration(docs, tokenizer, spec, add_bos=bos, source=spec.source),
+        method=list(repair.method),
+        options=RepairOptions(objective=repair.objective, ridge=repair.ridge),
+        force=force,
+        progress=progress,
+    )
 
 
 def _saved_plan(pruned_dir: Path) -> LayerPlan:
@@ -208,22 +286,29 @@ def _notes(method: str, gaps: list[GapRepair]) -> list[str]:
 
 def _model_card(pruned_dir: Path, result: RepairResult) -> str:
     card = (pruned_dir / "README.md").read_text() if (pruned_dir / "README.md").is_file() else ""
-    if result.method == "scale":
-        head, rows = (
-            "| removed layers | α | tensors rescaled |\n|---|---|---|",
-            [f"| {g.removed} | {g.alpha:.4g} | {len(g.folded_into)} |" for g in result.gaps],
-        )
+    parts = [
+        f"{card.rstrip()}\n\n## Repair: {' then '.join(result.methods)}\n\nFitted on {result.tokens} tokens of "
+        f"{result.data.get('source', '?')} in {result.time_s:.1f} s; tensor names and shapes are those of the "
+        "pruned checkpoint."
+    ]
+    for step in result.steps:
+        parts.append(f"### {METHOD_TITLES.get(step.method, step.method)} ({step.time_s:.1f} s)")
+        parts.append(step_table(step))
+        parts += [f"- {n}" for n in step.notes]
+    return "\n\n".join(parts) + "\n"
+
+
+def step_table(step: RepairStep) -> str:
+    """A markdown table of one step's gaps (the model card and report.md)."""
+    if step.method == "scale":
+        head = "| removed layers | α | tensors rescaled |\n|---|---|---|"
+        rows = [f"| {g.removed} | {g.alpha:.4g} | {len(g.folded_into)} |" for g in step.gaps]
     else:
         head = "| removed layers | folded into | fit error before → after | hidden-state error before → after |"
         head += "\n|---|---|---|---|"
         rows = [
             f"| {g.removed} | {', '.join(g.folded_into)} | {g.fit_rel_error_before:.4g} → {g.fit_rel_error:.4g} | "
             f"{g.state_rel_error_before:.4g} → {g.state_rel_error:.4g} |"
-            for g in result.gaps
+            for g in step.gaps
         ]
-    notes = "".join(f"\n- {n}" for n in result.notes)
-    return (
-        f"{card.rstrip()}\n\n## Repair: {METHOD_TITLES[result.method]}\n\n"
-        f"Fitted on {result.tokens} tokens of {result.data.get('source', '?')} in {result.time_s:.1f} s; "
-        f"tensor names and shapes are those of the pruned checkpoint.\n\n{head}\n" + "\n".join(rows) + f"\n{notes}\n"
-    )
+    return "\n".join([head, *rows])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class RunFolder:
     summary: dict[str, Any] | None
     runs: list[dict[str, Any]]
     budget: dict[str, Any] | None = None
+    repair: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -81,6 +83,7 @@ def load_run(run_dir: Path) -> RunFolder:
         summary=_read_json(run_dir / "bench" / "summary.json"),
         runs=_read_json(run_dir / "bench" / "runs.json") or [],
         budget=_read_json(run_dir / "budget.json"),
+        repair=_read_json(run_dir / "repair.json"),
     )
 
 
@@ -90,6 +93,7 @@ def stage_status(run: RunFolder) -> dict[str, str]:
     inferred = {
         "score": "complete" if run.scores else "skipped" if run.plan and run.plan.metric == "explicit" else "not run",
         "prune": "complete" if (run.path / "pruned").is_dir() else "skipped (dry run)" if dry_run else "not run",
+        "repair": "complete" if run.repair else "not run",
         "quantize": "complete" if run.quantize else "not run",
         "eval": "complete" if run.evaluation else "not run",
         "bench": "complete" if run.summary else "not run",
@@ -232,7 +236,7 @@ def _layers(folder: Path | None, name: str, plan: LayerPlan | None) -> int | Non
             return text_config(config)["num_hidden_layers"]
     if plan is None:
         return None
-    return plan.num_layers_after if name.startswith("pruned") else plan.num_layers_before
+    return plan.num_layers_before if name.startswith("dense") else plan.num_layers_after
 
 
 def variant_infos(run: RunFolder) -> dict[str, VariantInfo]:
@@ -338,6 +342,34 @@ def accuracy_lines(e: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- serving
+def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
+    """How the pruned model was repaired (repair.json), and what it bought: pruned → repaired, beside dense."""
+    if run.repair is None and status.get("repair", "not run").startswith(("not run", "skipped")):
+        return ""
+    out = ["## Repair"]
+    if run.repair is None:
+        return "\n\n".join([*out, _absent("repair", status["repair"])])
+    from .repair import RepairResult, step_table
+
+    r = run.repair
+    out.append(
+        f"{' then '.join(r['methods'])}, fitted on {r['tokens']} tokens of {r['data'].get('source', '?')} in "
+        f"{r['time_s']:.1f} s and folded into the weights: `repaired/` has the pruned checkpoint's tensor names and "
+        "shapes (so the same speed), and loads in transformers and vLLM as it is."
+    )
+    ppl = {n: i.perplexity for n, i in infos.items()}
+    if all(ppl.get(n) for n in ("dense", "pruned", "repaired")):
+        gap = math.log(ppl["pruned"] / ppl["dense"])
+        back = (math.log(ppl["pruned"] / ppl["repaired"]) / gap) if gap > 0 else float("nan")
+        out.append(
+            f"Perplexity: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f}, repaired {ppl['repaired']:.2f}: "
+            f"the repair recovers {back:.1%} of the pruned model's log-perplexity gap."
+        )
+    for step in RepairResult.load(run.path / "repair.json").steps:
+        out += [f"**{step.method}** ({step.time_s:.1f} s):", step_table(step), *(f"- {n}" for n in step.notes)]
+    return "\n\n".join(out)
+
+
 def serving_section(run: RunFolder, status: dict[str, str], plots: bool) -> str:
     """The bench table, plots and verdicts; quantized ÷ float speed, paired by repeat, is in quantization_section."""
     out = ["## Serving (vLLM `bench serve`)"]
@@ -439,10 +471,11 @@ def write_report(run_dir: Path) -> Path:
         header_section(run, status),
         scores_section(run, status),
         quality_section(run, infos, status),
+        repair_section(run, infos, status),
         serving_section(run, status, plots),
         quantization_section(run, infos, status),
         analyses_section(run.path),
     ]
     path = run.path / "report.md"
-    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    atomic_write_text(path, "\n\n".join(x for x in sections if x) + "\n")
     return path

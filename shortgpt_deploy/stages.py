@@ -1,5 +1,6 @@
-"""The stages after pruning, each adding its own artifact to a run folder: `quantize` (GPTQ of the float
-checkpoints: dense-gptq/, pruned-gptq/, quantize.json), `eval` (perplexity, greedy agreement, tasks: eval.json)
+"""The stages after pruning, each adding its own artifact to a run folder: `repair` (the pruned model repaired,
+folded into its weights: repaired/, repair.json), `quantize` (GPTQ of the float checkpoints: dense-gptq/,
+pruned-gptq/, repaired-gptq/, quantize.json), `eval` (perplexity, greedy agreement, tasks: eval.json)
 and `bench` (vLLM's load generator against each variant: bench/). Each takes the recipe, the run folder and its
 manifest and returns a one-line note; `pipeline.build` runs them in LATER_STAGES order and records failures.
 """
@@ -11,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ShortGPTError
 from .files import atomic_write_text
 from .recipe import QUANTIZED_SUFFIX, VARIANTS, Recipe
 
@@ -20,12 +22,47 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Which checkpoint each variant's greedy output is compared with in eval.json.
-REFERENCES = {"pruned": "dense", "dense-gptq": "dense", "pruned-gptq": "pruned"}
-LATER_STAGES = ("quantize", "eval", "bench")
+REFERENCES = {
+    "pruned": "dense",
+    "repaired": "dense",
+    "dense-gptq": "dense",
+    "pruned-gptq": "pruned",
+    "repaired-gptq": "repaired",
+}
+LATER_STAGES = ("repair", "quantize", "eval", "bench")
 
 
 def variant_dir(run_dir: Path, manifest: Manifest, name: str) -> Path:
+    if name not in manifest.variants:
+        raise ShortGPTError(f"the {name} checkpoint was not built (its stage failed or did not run); see the manifest")
     return run_dir / manifest.variants[name]  # an absolute path stays as it is
+
+
+def _repair(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
+    """The pruned checkpoint repaired by the recipe's methods in turn, fitted on its calibration text."""
+    from .modeling import resolve_checkpoint
+    from .repair import REPAIR_RESULT, repair_pruned
+
+    assert recipe.repair is not None
+    add_bos = recipe.model.add_bos
+    if add_bos is None:  # as scoring decided it: the source's own setting, else what its tokenizer does
+        add_bos = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision).add_bos
+    with manifest.timed("repair"):
+        result = repair_pruned(
+            variant_dir(run_dir, manifest, "dense"),
+            variant_dir(run_dir, manifest, "pruned"),
+            out_dir=run_dir / "repaired",
+            repair=recipe.repair,
+            calibration=recipe.calibration,
+            add_bos=add_bos,
+            progress=progress,
+        )
+    result.save(run_dir / REPAIR_RESULT)
+    manifest.variants["repaired"] = "repaired"
+    manifest.save(run_dir / "manifest.json")
+    errors = [g.fit_rel_error for g in result.gaps if g.fit_rel_error is not None]
+    fit = f", fit error ≤ {max(errors):.3g}" if errors else ""
+    return f"{' then '.join(result.methods)} on {result.tokens} tokens in {result.time_s:.0f} s{fit}"
 
 
 def _quantize(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
@@ -137,4 +174,4 @@ def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool)
     return "; ".join(f"without {v}: {why}" for v, why in left_out.items())
 
 
-STAGE_FUNCTIONS = {"quantize": _quantize, "eval": _eval, "bench": _bench}
+STAGE_FUNCTIONS = {"repair": _repair, "quantize": _quantize, "eval": _eval, "bench": _bench}

@@ -219,13 +219,23 @@ def completion(url: str, model: str, prompt: list[int], n: int, key: str | None 
 
 
 @pytest.mark.vllm
-def test_served_pruned_model_answers_like_transformers(tmp_path):
+def test_served_pruned_and_repaired_model_answers_like_transformers(tmp_path):
     pytest.importorskip("vllm")
+    from test_repair import calibration
     from transformers import AutoModelForCausalLM
 
+    from shortgpt_deploy.repair import repair_checkpoint
+
     src = tiny_llama(tmp_path / "src", num_layers=6, seed=2, hidden_size=128, num_heads=4)
-    out = tmp_path / "pruned"
-    prune_checkpoint(src, make_plan(num_layers=6, layers=[1, 4]), out_dir=out, progress=False)
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(src, make_plan(num_layers=6, layers=[1, 4]), out_dir=pruned, progress=False)
+    # Served: the pruned model repaired (linear), a stock checkpoint with some weights changed.
+    out = tmp_path / "repaired"
+    repair_checkpoint(src, pruned, out_dir=out, calibration=calibration(), method="linear", progress=False)
+    from safetensors.torch import load_file
+
+    before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     prompts, n = [[1, 5, 9, 13, 40, 22], [1, 70, 8, 8, 33]], 10
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = []
@@ -242,11 +252,11 @@ def test_served_pruned_model_answers_like_transformers(tmp_path):
     )
     with VLLMServer(opts, tmp_path / "serve.log") as server:
         pgid = os.getpgid(server.proc.pid)
-        got = [completion(opts.url, "pruned", p, n, key) for p in prompts]
+        got = [completion(opts.url, "repaired", p, n, key) for p in prompts]
         # Exposure: the model goes by its folder's name, the key is needed for /v1 and /metrics alike, and no
         # process of the server shows the key on its command line.
         status, models = get(opts.url + "/v1/models", key)
-        assert status == 200 and json.loads(models)["data"][0]["id"] == "pruned"
+        assert status == 200 and json.loads(models)["data"][0]["id"] == "repaired"
         assert str(tmp_path) not in models
         assert get(opts.url + "/v1/models")[0] == 401
         assert get(opts.url + "/metrics")[0] == 401
