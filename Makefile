@@ -63,8 +63,8 @@ report: install
 	@test -n "$(RUN)" || { echo "error: no run folder yet: run 'make demo' first, or 'make report RUN=dir'"; exit 2; }
 	$(CLI) report $(RUN)
 
-# The pruned model of the most recent build, unless MODEL=dir is given.
-MODEL ?= $(shell ls -dt runs/*/pruned 2>/dev/null | head -n 1)
+# The model the most recent build ships (repaired/ where it repaired, else pruned/), unless MODEL=dir is given.
+MODEL ?= $(shell d=$$(ls -dt runs/*/pruned 2>/dev/null | head -n 1); test -n "$$d" && { test -d "$$(dirname $$d)/repaired" && echo "$$(dirname $$d)/repaired" || echo "$$d"; })
 PORT ?= 8000
 serve: install
 	@test -n "$(MODEL)" || { echo "error: no pruned model yet: run 'make demo' first, or 'make serve MODEL=dir'"; exit 2; }
@@ -89,7 +89,7 @@ clean:
 # pruned vs pruned-gptq (when the build made it), each served by vLLM in turn and driven by vLLM's `bench serve`;
 # appends a section to BENCHMARKS.md. About 8 minutes on 2 CPU cores. Override DENSE=dir, PRUNED=dir, QUANT=dir
 # (QUANT= to leave it out), BENCH_ARGS="...".
-PRUNED ?= $(MODEL)
+PRUNED ?= $(shell ls -dt runs/*/pruned 2>/dev/null | head -n 1)
 PRUNED_MANIFEST = $(dir $(patsubst %/,%,$(PRUNED)))manifest.json
 DENSE ?= $(shell test -f "$(PRUNED_MANIFEST)" && $(PY) -c \
   'import json, sys; print(json.load(open(sys.argv[1]))["inputs"]["checkpoint"]["path"])' "$(PRUNED_MANIFEST)")

@@ -33,11 +33,11 @@ TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def calibration(n_batches: int = 4, rows: int = 4, seq: int = 16, seed: int = 0) -> CalibrationSet:
+def calibration(n_batches: int = 4, rows: int = 4, seq: int = 16, seed: int = 0, vocab: int = 128) -> CalibrationSet:
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n_batches):
-        ids = torch.randint(3, 128, (rows, seq), generator=g)
+        ids = torch.randint(3, vocab, (rows, seq), generator=g)
         mask = torch.ones(rows, seq, dtype=torch.long)
         mask[-1, seq // 2 :] = 0  # padding: must be left out of every sum
         ids[-1, seq // 2 :] = 0

@@ -231,7 +231,7 @@ def test_served_pruned_and_repaired_model_answers_like_transformers(tmp_path):
     prune_checkpoint(src, make_plan(num_layers=6, layers=[1, 4]), out_dir=pruned, progress=False)
     # Served: the pruned model repaired (linear), a stock checkpoint with some weights changed.
     out = tmp_path / "repaired"
-    repair_checkpoint(src, pruned, out_dir=out, calibration=calibration(), method="linear", progress=False)
+    repair_checkpoint(src, pruned, out_dir=out, calibration=calibration(vocab=70), method="linear", progress=False)
     from safetensors.torch import load_file
 
     before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")
