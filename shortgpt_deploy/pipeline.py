@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .calibration import build_calibration, check_text_files, load_documents
-from .checkpoint import begin_output, disk_full, finish_output
+from .checkpoint import output_transaction
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
@@ -393,8 +393,7 @@ def score_and_prune(
 ) -> BuildResult:
     """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done)."""
     run_dir = Path(out_dir or recipe.output.dir)
-    tmp = begin_output(run_dir, force=force)  # refuses an existing folder before any heavy work
-    try:
+    with output_transaction(run_dir, force=force) as tmp:  # refuses an existing folder before any heavy work
         manifest = Manifest(inputs={"recipe": recipe.model_dump(mode="json")})
         (tmp / "recipe.yaml").write_text(recipe_text)
         with manifest.timed("resolve_model"):
@@ -456,10 +455,4 @@ def score_and_prune(
                 (tmp / "pruned" / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
         manifest.save(tmp / "manifest.json")
-        finish_output(tmp, run_dir, force=force)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (full := disk_full(err, run_dir)) is not None:
-            raise full from None
-        raise
     return BuildResult(run_dir, scores, plan, pruned, manifest)
