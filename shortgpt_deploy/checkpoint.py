@@ -241,7 +241,7 @@ def disk_full(err: BaseException, out_dir: Path) -> OutputWriteError | None:
 def begin_output(out_dir: Path, *, force: bool) -> Path:
     """Refuse an output that exists (unless forced) or is not a folder; return a new empty temporary folder.
 
-    (output_transaction is the way to use this; run folders, whose code is long, call it with finish_output.)
+    (Use output_transaction, which pairs it with finish_output and cleans up on failure.)
     """
     out_dir = Path(out_dir)
     if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
