@@ -216,6 +216,10 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import read_safetensors_header
+
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        read_safetensors_header(shard)  # a truncated or garbled file: one error naming it, not a loader traceback
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if is_gptq_folder(Path(folder)):

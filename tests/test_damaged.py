@@ -127,6 +127,20 @@ def test_damaged_safetensors_is_refused(src: Path, tmp_path: Path, damage: Calla
     assert problem in line
 
 
+@pytest.mark.parametrize("damage", [truncate, garbage_header, garbage_prefix], ids=["truncated", "header", "prefix"])
+def test_damaged_safetensors_is_one_line_when_a_model_loads(src: Path, tmp_path: Path, damage: Callable[[Path], None]):
+    damage(src / "model.safetensors")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["she was not the one to think of it"] * 100))
+    args = ["score", str(src), "--calibration", str(text), "--out", str(tmp_path / "s.json"), "--samples", "2",
+            "--seq-len", "16", "--no-progress"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert f"{src / 'model.safetensors'} is not a valid safetensors file" in " ".join(result.output.split())
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_invalid_config_is_refused(src: Path, tmp_path: Path):
     (src / "config.json").write_text('{"num_hidden_layers": 6,, }')
     line = refused(src, tmp_path / "work" / "out")
