@@ -361,9 +361,12 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
     if all(ppl.get(n) for n in ("dense", "pruned", "repaired")):
         gap = math.log(ppl["pruned"] / ppl["dense"])
         back = (math.log(ppl["pruned"] / ppl["repaired"]) / gap) if gap > 0 else float("nan")
+        verdict = (
+            "below the dense model's" if back > 1 else f"{back:.1%} of the pruned model's log-perplexity gap recovered"
+        )
         out.append(
-            f"Perplexity: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f}, repaired {ppl['repaired']:.2f}: "
-            f"the repair recovers {back:.1%} of the pruned model's log-perplexity gap."
+            f"Perplexity: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f}, repaired {ppl['repaired']:.2f} "
+            f"({verdict})."
         )
     for step in RepairResult.load(run.path / "repair.json").steps:
         out += [f"**{step.method}** ({step.time_s:.1f} s):", step_table(step), *(f"- {n}" for n in step.notes)]
