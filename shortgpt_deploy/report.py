@@ -360,10 +360,13 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
     ppl = {n: i.perplexity for n, i in infos.items()}
     if all(ppl.get(n) for n in ("dense", "pruned", "repaired")):
         gap = math.log(ppl["pruned"] / ppl["dense"])
-        back = (math.log(ppl["pruned"] / ppl["repaired"]) / gap) if gap > 0 else float("nan")
-        verdict = (
-            "below the dense model's" if back > 1 else f"{back:.1%} of the pruned model's log-perplexity gap recovered"
-        )
+        back = math.log(ppl["pruned"] / ppl["repaired"]) / gap if gap > 0 else None
+        if back is None:
+            verdict = "pruning did not raise perplexity"
+        elif back > 1:
+            verdict = "below the dense model's"
+        else:
+            verdict = f"{back:.1%} of the pruned model's log-perplexity gap recovered"
         out.append(
             f"Perplexity: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f}, repaired {ppl['repaired']:.2f} "
             f"({verdict})."
