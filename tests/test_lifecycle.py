@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,16 @@ def model_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text('{"num_hidden_layers": 2, "max_position_embeddings": 64}')
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises() -> Iterator[None]:
+    """A shell that starts a job in the background (`make test &`, some CI runners) starts it with SIGINT ignored,
+    and Python then never turns Ctrl-C into KeyboardInterrupt, in this process or the CLIs it starts (an ignored
+    signal stays ignored across exec). These tests are about what happens when Ctrl-C does arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler: children exec with SIG_DFL
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def pids(path: Path) -> list[int]:
