@@ -30,10 +30,11 @@ This module imports repair_methods only inside functions: repair_methods imports
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -278,6 +279,35 @@ def repair_distill(
     return [record], changed
 
 
+class _Best:
+    """The lowest held-out loss measured so far, the step it was measured at, and the trained tensors then."""
+
+    def __init__(self, trained: list[torch.nn.Parameter], loss: float):
+        self.trained, self.loss, self.step, self.stale = trained, loss, 0, 0
+        self.state = [p.detach().clone() for p in trained]
+
+    def offer(self, loss: float, step: int) -> None:
+        if loss < self.loss:
+            self.loss, self.step, self.stale = loss, step, 0
+            self.state = [p.detach().clone() for p in self.trained]
+        else:
+            self.stale += 1
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, kept in zip(self.trained, self.state, strict=True):
+                p.copy_(kept)
+
+
+def _budget_spent(opts: DistillOptions, tokens: int, elapsed_s: float, step_s: float) -> str | None:
+    """Which budget stops training before the next step: none is started that would overrun the time."""
+    if opts.max_time_s is not None and elapsed_s + step_s > opts.max_time_s:
+        return "max_time_s"
+    if opts.max_tokens is not None and tokens >= opts.max_tokens:
+        return "max_tokens"
+    return None
+
+
 def _train(
     dense: PreTrainedModel,
     student: PreTrainedModel,
@@ -296,18 +326,15 @@ def _train(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.0)  # decay would pull weights to zero
     order_rng = torch.Generator().manual_seed(opts.seed)
-    evaluate: Callable[[], float] = lambda: _heldout_loss(dense, student, held, taps, opts)  # noqa: E731
-    before = best = last = evaluate()
-    best_state, best_step, stale = [p.detach().clone() for p in trained], 0, 0
+    evaluate = functools.partial(_heldout_loss, dense, student, held, taps, opts)
+    best = _Best(trained, evaluate())
+    before = last = best.loss
     steps = tokens = 0
-    stopped, order, running, step_s = "max_steps", [], None, 0.0
+    stopped, order, running, step_s = "max_steps", [], 0.0, 0.0
     bar = tqdm(total=opts.max_steps, desc="repair distill", unit="step", disable=not progress)
     while steps < opts.max_steps:
-        if opts.max_time_s is not None and time.perf_counter() - start + step_s > opts.max_time_s:
-            stopped = "max_time_s"
-            break
-        if opts.max_tokens is not None and tokens >= opts.max_tokens:
-            stopped = "max_tokens"
+        if spent := _budget_spent(opts, tokens, time.perf_counter() - start, step_s):
+            stopped = spent
             break
         t0 = time.perf_counter()
         order = order or torch.randperm(len(train), generator=order_rng).tolist()
@@ -317,28 +344,21 @@ def _train(
         torch.nn.utils.clip_grad_norm_(trained, CLIP_NORM)
         optimizer.step()
         steps, tokens = steps + 1, tokens + n
-        value = float(loss.detach())
-        running = value if running is None else 0.9 * running + 0.1 * value
+        running = float(loss.detach()) if steps == 1 else 0.9 * running + 0.1 * float(loss.detach())
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4g}", heldout=f"{best:.4g}")
+        bar.set_postfix(loss=f"{running:.4g}", heldout=f"{best.loss:.4g}")
         if steps % opts.eval_every == 0:
             last = evaluate()
-            if last < best:
-                best, best_state, best_step, stale = last, [p.detach().clone() for p in trained], steps, 0
-            else:
-                stale += 1
-            if stale >= opts.patience:
+            best.offer(last, steps)
+            if best.stale >= opts.patience:
                 stopped = "early_stop"
                 break
         step_s = time.perf_counter() - t0
     bar.close()
     if steps % opts.eval_every:  # the state trained last was not measured yet
         last = evaluate()
-        if last < best:
-            best, best_state, best_step = last, [p.detach().clone() for p in trained], steps
-    with torch.no_grad():
-        for p, kept in zip(trained, best_state, strict=True):
-            p.copy_(kept)
+        best.offer(last, steps)
+    best.restore()
     for p in trained:
         p.requires_grad_(False)
     return {
@@ -346,7 +366,7 @@ def _train(
         "tokens": tokens,
         "heldout_loss_before": before,
         "heldout_loss_after": last,
-        "heldout_loss_best": best,
-        "best_step": best_step,
+        "heldout_loss_best": best.loss,
+        "best_step": best.step,
         "stopped_because": stopped,
     }
