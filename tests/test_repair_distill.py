@@ -72,6 +72,8 @@ def test_held_out_batches_and_refusals():
         DistillOptions(trainable="all")
     with pytest.raises(RepairError, match="lr, max_time_s out of range"):
         DistillOptions(lr=0, max_time_s=-1)
+    with pytest.raises(RepairError, match="max_tokens, max_time_s out of range"):
+        DistillOptions(max_tokens=0, max_time_s=0)  # None is no budget; 0 is a mistake
 
 
 # ------------------------------------------------------------------------------------ on tiny models
