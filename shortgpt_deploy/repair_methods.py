@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +31,7 @@ import torch
 from . import repair_fit as fit
 from .errors import ShortGPTError, UnsupportedArchitectureError
 from .plan import LayerPlan
+from .repair_distill import DistillOptions, repair_distill
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,6 +56,7 @@ class RepairOptions:
     cosine_max_tokens: int = 8192  # the cosine steps need the tokens themselves: at most this many are kept
     dtype: str = "float32"  # of both models while fitting; tensors are written back in the checkpoint's dtype
     device: str = "cpu"
+    distill: DistillOptions = field(default_factory=DistillOptions)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -108,6 +110,12 @@ class GapRepair:
     alpha: float | None = None  # scale: mean‖h after gap‖ / mean‖h before gap‖ (dense)
     num_tokens: int = 0
     time_s: float = 0.0
+    steps: int | None = None  # distill: one record for the whole run (repair_distill), tokens in num_tokens
+    heldout_loss_before: float | None = None
+    heldout_loss_after: float | None = None  # the state trained last
+    heldout_loss_best: float | None = None  # the state kept
+    best_step: int | None = None
+    stopped_because: str | None = None  # max_steps | max_tokens | max_time_s | early_stop
 
 
 # ------------------------------------------------------------------------------------ model plumbing
@@ -345,4 +353,4 @@ def repair_scale(
     ], changed
 
 
-METHODS: dict[str, Method] = {"linear": repair_linear, "scale": repair_scale}
+METHODS: dict[str, Method] = {"linear": repair_linear, "scale": repair_scale, "distill": repair_distill}
