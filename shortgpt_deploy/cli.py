@@ -300,13 +300,18 @@ def repair(
     ],
     dense: Annotated[str, typer.Option(help="The model it was pruned from (any model spec `score` takes).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the repaired checkpoint.")],
-    method: Annotated[str, typer.Option(help="linear, scale, or a chain applied in order: linear,scale.")] = "linear",
+    method: Annotated[
+        str, typer.Option(help="linear, scale, distill, or a chain applied in order: linear,distill.")
+    ] = "linear",
     objective: Annotated[str, typer.Option(help="linear: lstsq (closed form) or cosine.")] = "lstsq",
     ridge: Annotated[float, typer.Option(help="linear: pull T towards the identity.")] = 1e-4,
     calibration: Annotated[str, typer.Option(help="Text to fit on, as for `score`.")] = "austen:emma",
     samples: int = 64,
     seq_len: int = 256,
     batch_size: int = 8,
+    distill_steps: Annotated[int, typer.Option(help="distill: at most this many steps (one batch each).")] = 200,
+    distill_time_s: Annotated[float, typer.Option(help="distill: wall-time budget in seconds.")] = 600.0,
+    distill_trainable: Annotated[str, typer.Option(help="distill: layers (beside each gap) or lora.")] = "layers",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     no_progress: NoProgress = False,
     as_json: AsJson = False,
@@ -315,7 +320,7 @@ def repair(
     """Repair a pruned checkpoint by fitting on calibration text and folding the fix into its weights."""
     _setup_logging(verbose)
     from .modeling import resolve_checkpoint
-    from .recipe import CalibrationSpec, ModelSpec, RepairSpec
+    from .recipe import CalibrationSpec, DistillSpec, ModelSpec, RepairSpec
     from .repair import repair_pruned
     from .runtime import third_party_output
 
@@ -328,6 +333,18 @@ def repair(
             samples=samples,
             seq_len=seq_len,
             batch_size=batch_size,
+            distill=_from_options(
+                lambda: DistillSpec(
+                    max_steps=distill_steps,
+                    max_time_s=distill_time_s,
+                    trainable=distill_trainable,  # type: ignore[arg-type]
+                ),
+                max_steps="--distill-steps",
+                max_time_s="--distill-time-s",
+                trainable="--distill-trainable",
+            )
+            if "distill" in method
+            else None,
         )
     )
     model = _from_options(lambda: ModelSpec(path=dense))
@@ -345,6 +362,11 @@ def repair(
             out.print(f"  gap {g.removed}: fit error {g.fit_rel_error_before:.4g} → {g.fit_rel_error:.4g}")
         elif g.alpha is not None:
             out.print(f"  gap {g.removed}: α {g.alpha:.4g}")
+        elif g.steps is not None:
+            out.print(
+                f"  distill: {g.steps} steps, {g.num_tokens} tokens, held-out loss {g.heldout_loss_before:.4g} → "
+                f"{g.heldout_loss_best:.4g} (stopped by {g.stopped_because})"
+            )
     out.print(f"{' then '.join(result.methods)} on {result.tokens} tokens in {result.time_s:.0f} s → {out_dir}")
 
 

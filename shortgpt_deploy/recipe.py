@@ -206,7 +206,28 @@ SOURCE_VARIANTS = ("dense", "pruned", "repaired")  # the float checkpoints: the 
 QUANTIZED_SUFFIX = "-gptq"
 VARIANTS = (*SOURCE_VARIANTS, *(v + QUANTIZED_SUFFIX for v in SOURCE_VARIANTS))
 VariantName = Literal["dense", "pruned", "repaired", "dense-gptq", "pruned-gptq", "repaired-gptq"]
-RepairMethod = Literal["linear", "scale"]
+RepairMethod = Literal["linear", "scale", "distill"]
+
+
+class DistillSpec(_Section):
+    """Knowledge distillation from the dense model into the repaired one, on the calibration batches."""
+
+    trainable: Literal["layers", "lora"] = Field(
+        default="layers", description="layers: the kept layers beside each gap; lora: adapters on every decoder "
+        "linear layer, merged back before saving."
+    )  # fmt: skip
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    hidden_weight: float = Field(default=0.0, ge=0, description="Weight of an MSE term on the gaps' hidden states.")
+    max_steps: int = Field(default=200, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="Training tokens; none: no token budget.")
+    max_time_s: float | None = Field(default=600.0, gt=0, description="Wall-time budget; none: no time budget.")
+    eval_every: int = Field(default=10, ge=1, description="Steps between held-out losses (early stopping).")
+    patience: int = Field(default=3, ge=1, description="Held-out evaluations without improvement before stopping.")
+    holdout: float = Field(default=0.125, gt=0, lt=1, description="Share of the calibration batches held out.")
+    seed: int = 0
 
 
 class RepairSpec(_Section):
@@ -222,6 +243,7 @@ class RepairSpec(_Section):
     samples: int = Field(default=64, ge=1, description="Blocks of the recipe's calibration text to fit on.")
     seq_len: int = Field(default=256, ge=8)
     batch_size: int = Field(default=8, ge=1)
+    distill: DistillSpec | None = Field(default=None, description="Settings of the distill method.")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -234,6 +256,12 @@ class RepairSpec(_Section):
         if len(set(value)) != len(value):
             raise ValueError(f"each method once: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _distill_settings_need_distill(self) -> RepairSpec:
+        if self.distill is not None and "distill" not in self.method:
+            raise ValueError("distill: settings given but method does not include distill; add it or drop them")
+        return self
 
 
 class QuantizeSpec(_Section):

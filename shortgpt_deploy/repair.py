@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .calibration import CalibrationSet
     from .recipe import CalibrationSpec, RepairSpec
+    from .repair_distill import DistillOptions
 
 __all__ = [
     "REPAIR_FILE",
@@ -208,10 +209,16 @@ def repair_pruned(
         out_dir=out_dir,
         calibration=build_calibration(docs, tokenizer, spec, add_bos=bos, source=spec.source),
         method=list(repair.method),
-        options=RepairOptions(objective=repair.objective, ridge=repair.ridge),
+        options=RepairOptions(objective=repair.objective, ridge=repair.ridge, distill=distill_options(repair)),
         force=force,
         progress=progress,
     )
+
+
+def distill_options(repair: RepairSpec) -> DistillOptions:
+    from .repair_distill import DistillOptions
+
+    return DistillOptions(**repair.distill.model_dump()) if repair.distill else DistillOptions()
 
 
 def _saved_plan(pruned_dir: Path) -> LayerPlan:
@@ -300,7 +307,15 @@ def _model_card(pruned_dir: Path, result: RepairResult) -> str:
 
 def step_table(step: RepairStep) -> str:
     """A markdown table of one step's gaps (the model card and report.md)."""
-    if step.method == "scale":
+    if step.method == "distill":
+        head = "| steps | tokens | held-out loss before → best (step) | stopped by | tensors trained |"
+        head += "\n|---|---|---|---|---|"
+        rows = [
+            f"| {g.steps} | {g.num_tokens} | {g.heldout_loss_before:.4g} → {g.heldout_loss_best:.4g} ({g.best_step}) "
+            f"| {g.stopped_because} | {len(g.folded_into)} |"
+            for g in step.gaps
+        ]
+    elif step.method == "scale":
         head = "| removed layers | α | tensors rescaled |\n|---|---|---|"
         rows = [f"| {g.removed} | {g.alpha:.4g} | {len(g.folded_into)} |" for g in step.gaps]
     else:

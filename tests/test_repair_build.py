@@ -51,7 +51,9 @@ def test_repair_command_writes_a_checkpoint_and_refuses_unknown_methods(tmp_path
     assert result.exit_code == 0, result.output
     assert "gap [1]: fit error" in result.output and (tmp_path / "fixed" / "shortgpt_repair.json").is_file()
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--method", "distil"])
-    assert bad.exit_code == 2 and bad.output.startswith("error: --method: Input should be 'linear' or 'scale'")
+    assert bad.exit_code == 2 and bad.output.startswith(
+        "error: --method: Input should be 'linear', 'scale' or 'distill', got 'distil'"
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -84,3 +86,38 @@ def test_a_single_method_may_be_written_without_a_list(tmp_path):
         "output": {"dir": str(tmp_path)},
     }
     assert parse_recipe(data).repair.method == ["linear"]
+
+
+def test_build_chains_linear_then_distill(tmp_path, model):  # noqa: F811
+    distill = {"max_steps": 4, "eval_every": 2, "lr": 1e-3}
+    section = {"method": ["linear", "distill"], "samples": 8, "seq_len": 64, "batch_size": 2, "distill": distill}
+    build(recipe(tmp_path, model, repair=section), recipe_text="", progress=False)
+    repair = json.loads((tmp_path / "run" / "repair.json").read_text())
+    linear, distilled = repair["steps"]
+    assert (linear["method"], distilled["method"]) == ("linear", "distill")
+    (record,) = distilled["gaps"]
+    assert 1 <= record["steps"] <= 4 and record["heldout_loss_best"] <= record["heldout_loss_before"]
+    assert "**distill**" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_recipe_distill_settings_are_the_librarys():
+    import dataclasses
+
+    from shortgpt_deploy.recipe import DistillSpec
+    from shortgpt_deploy.repair_distill import DistillOptions
+
+    assert set(DistillSpec.model_fields) == {f.name for f in dataclasses.fields(DistillOptions)}
+    defaults = DistillOptions()
+    assert all(getattr(defaults, k) == v for k, v in DistillSpec().model_dump().items())
+
+
+def test_distill_settings_need_the_distill_method(tmp_path):
+    data = {
+        "model": {"path": "x"},
+        "calibration": {"offline": "austen:emma"},
+        "prune": {"n_remove": 1},
+        "repair": {"method": ["linear"], "distill": {"max_steps": 3}},
+        "output": {"dir": str(tmp_path)},
+    }
+    with pytest.raises(RecipeError, match="method does not include distill"):
+        parse_recipe(data)
