@@ -267,4 +267,15 @@ def markdown_section(data: dict[str, Any], png_name: str) -> str:
         lines.append(markdown_table(cols, body))
     if data["analysis"] == "orthogonality":
         lines += ["", data["verdict"]]
+        if rep := data.get("repaired"):
+            rows = [[v, f"{r['perplexity']:.2f}", f"{r['retention_pct']:.1f}%"] for v, r in rep["variants"].items()]
+            p = rep["predicted_if_independent"]
+            rows.append(["repaired-gptq if independent", f"{p['perplexity']:.2f}", f"{p['retention_pct']:.1f}%"])
+            lines += [
+                "",
+                "The repaired model and its GPTQ:",
+                "",
+                markdown_table(["variant", "perplexity", "retention"], rows),
+            ]
+            lines += ["", rep["verdict"]]
     return "\n".join(lines)

@@ -774,6 +774,8 @@ def analyze(
             out.print(f"  {name:<20} {ppl:10.2f}{acc}")
     if what == "orthogonality":
         out.print(result.data["verdict"])
+        if "repaired" in result.data:
+            out.print(result.data["repaired"]["verdict"])
     if what == "heads":
         top = result.data["most_important_head"]
         out.print(f"most important head: layer {top['layer']} head {top['head']} (perplexity {top['perplexity']:.2f})")

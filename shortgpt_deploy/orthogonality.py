@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FOUR = ("dense", "dense-gptq", "pruned", "pruned-gptq")
+REPAIRED_PAIR = ("repaired", "repaired-gptq")
 DEFAULT_TASKS = ("mmlu",)
 
 
@@ -78,10 +79,13 @@ def _retention(acc: float, dense: float) -> float:
     return 100 * acc / dense
 
 
-def orthogonality_table(evaluated: dict[str, Any]) -> dict[str, Any]:
-    """From evaluate_variants' result for the four: per-variant rows, the predictions, and the interactions."""
-    ppl = {v: evaluated["perplexity"][v]["perplexity"] for v in FOUR}
-    acc = {v: evaluated["accuracy"][v]["average"]["acc"] for v in FOUR}
+def orthogonality_table(evaluated: dict[str, Any], compressed: str = "pruned") -> dict[str, Any]:
+    """From evaluate_variants' result for the four (dense, dense-gptq, `compressed` and its GPTQ: pruned, or
+    repaired where the run has it too): per-variant rows, the predictions, and the interactions."""
+    quantized = compressed + "-gptq"
+    four = ("dense", "dense-gptq", compressed, quantized)
+    ppl = {v: evaluated["perplexity"][v]["perplexity"] for v in four}
+    acc = {v: evaluated["accuracy"][v]["average"]["acc"] for v in four}
     tasks = evaluated["tasks"]
     rows = {
         v: {
@@ -94,12 +98,12 @@ def orthogonality_table(evaluated: dict[str, Any]) -> dict[str, Any]:
                 for t, r in evaluated["accuracy"][v]["tasks"].items()
             },
         }
-        for v in FOUR
+        for v in four
     }
-    predicted_ppl = ppl["pruned"] * ppl["dense-gptq"] / ppl["dense"]
-    predicted_ret = rows["pruned"]["retention_pct"] * rows["dense-gptq"]["retention_pct"] / 100
-    observed_ret = rows["pruned-gptq"]["retention_pct"]
-    stderrs = [r.get("acc_stderr") for r in rows["pruned-gptq"]["tasks"].values()]
+    predicted_ppl = ppl[compressed] * ppl["dense-gptq"] / ppl["dense"]
+    predicted_ret = rows[compressed]["retention_pct"] * rows["dense-gptq"]["retention_pct"] / 100
+    observed_ret = rows[quantized]["retention_pct"]
+    stderrs = [r.get("acc_stderr") for r in rows[quantized]["tasks"].values()]
     # the average over tasks of independent estimates: its standard error, in retention points
     avg_stderr = (sum(s * s for s in stderrs) ** 0.5 / len(stderrs)) if None not in stderrs else None
     ret_stderr = None if avg_stderr is None else _retention(avg_stderr, acc["dense"])
@@ -108,18 +112,20 @@ def orthogonality_table(evaluated: dict[str, Any]) -> dict[str, Any]:
         "variants": rows,
         "predicted_if_independent": {"perplexity": predicted_ppl, "retention_pct": predicted_ret},
         "interaction": {
-            "perplexity": ppl["pruned-gptq"] / predicted_ppl,
+            "perplexity": ppl[quantized] / predicted_ppl,
             "retention": observed_ret / predicted_ret,
             "retention_gap_points": observed_ret - predicted_ret,
             "retention_stderr_points": ret_stderr,
         },
-        "verdict": verdict(ppl["pruned-gptq"] / predicted_ppl, observed_ret - predicted_ret, ret_stderr),
+        "verdict": verdict(ppl[quantized] / predicted_ppl, observed_ret - predicted_ret, ret_stderr, quantized),
     }
 
 
-def verdict(ppl_interaction: float, gap_points: float, stderr_points: float | None) -> str:
-    """One sentence: how far pruned-gptq is from the independence prediction, on both measures."""
-    ppl_part = f"pruned-gptq perplexity is {ppl_interaction:.2f}× the independence prediction"
+def verdict(
+    ppl_interaction: float, gap_points: float, stderr_points: float | None, quantized: str = "pruned-gptq"
+) -> str:
+    """One sentence: how far `quantized` is from the independence prediction, on both measures."""
+    ppl_part = f"{quantized} perplexity is {ppl_interaction:.2f}× the independence prediction"
     if stderr_points is None:
         acc_part = f"its retention is {gap_points:+.1f} points from the prediction"
     elif abs(gap_points) <= 2 * stderr_points:
@@ -158,8 +164,11 @@ def orthogonality_analysis(
             f"{run_dir} has no {', '.join(missing)} checkpoint: build it with a quantize section naming variants "
             "[dense, pruned] (recipes/default.yaml does), or give analyze the model itself and it builds all four"
         )
+    # A run that repaired its pruned model and quantized both is measured for the repaired pair as well.
+    repaired = [v for v in REPAIRED_PAIR if v in variants] == list(REPAIRED_PAIR)
+    measured = (*FOUR, *REPAIRED_PAIR) if repaired else FOUR
     evaluated = evaluate_variants(
-        {v: variants[v] for v in FOUR},
+        {v: variants[v] for v in measured},
         references={},
         text=settings.heldout,
         context_len=settings.context_len,
@@ -172,13 +181,16 @@ def orthogonality_analysis(
         batch_size=settings.batch_size,
         progress=progress,
     )
-    layers = {v: json.loads((variants[v] / "config.json").read_text()) for v in FOUR}
+    layers = {v: json.loads((variants[v] / "config.json").read_text()) for v in measured}
     table = orthogonality_table(evaluated)
-    for v in FOUR:
-        cfg = layers[v].get("text_config", layers[v])
-        table["variants"][v] = {"checkpoint": str(variants[v]), "layers": cfg.get("num_hidden_layers")} | table[
-            "variants"
-        ][v]
+    if repaired:
+        table["repaired"] = orthogonality_table(evaluated, "repaired")
+    for t in (table, table.get("repaired")):
+        for v in t["variants"] if t else ():
+            cfg = layers[v].get("text_config", layers[v])
+            t["variants"][v] = {"checkpoint": str(variants[v]), "layers": cfg.get("num_hidden_layers")} | t["variants"][
+                v
+            ]
     return {
         "run_dir": str(run_dir),
         "heldout": {

@@ -87,10 +87,10 @@ def test_a_run_without_the_gptq_checkpoints(run_dir, tmp_path, data_dir):  # noq
 def _evaluated(ppl, acc, stderr=0.01):
     return {
         "tasks": ["t"],
-        "perplexity": {v: {"perplexity": ppl[v]} for v in FOUR},
+        "perplexity": {v: {"perplexity": ppl[v]} for v in ppl},
         "accuracy": {
             v: {"average": {"acc": acc[v]}, "tasks": {"t": {"acc": acc[v], "acc_norm": acc[v], "acc_stderr": stderr}}}
-            for v in FOUR
+            for v in acc
         },
     }
 
@@ -108,6 +108,18 @@ def test_table_predictions_and_verdicts_by_hand():
     worse = orthogonality_table(_evaluated(ppl, acc | {"pruned-gptq": 0.30}))
     assert "worse than independent" in worse["verdict"]
     assert "from the prediction" in verdict(1.1, -3.0, None)
+
+
+def test_the_repaired_pair_has_its_own_prediction():
+    ppl = {"dense": 10.0, "dense-gptq": 12.0, "pruned": 30.0, "pruned-gptq": 36.0, "repaired": 20.0,
+           "repaired-gptq": 30.0}  # fmt: skip
+    acc = {"dense": 0.5, "dense-gptq": 0.45, "pruned": 0.4, "pruned-gptq": 0.36, "repaired": 0.45,
+           "repaired-gptq": 0.405}  # fmt: skip
+    table = orthogonality_table(_evaluated(ppl, acc), "repaired")
+    assert set(table["variants"]) == {"dense", "dense-gptq", "repaired", "repaired-gptq"}
+    assert table["predicted_if_independent"]["perplexity"] == pytest.approx(24.0)  # 20 × 12 / 10
+    assert table["interaction"]["perplexity"] == pytest.approx(30.0 / 24.0)
+    assert table["verdict"].startswith("repaired-gptq perplexity is 1.25×")
 
 
 def test_from_a_model_builds_the_four_with_gptq(tmp_path, data_dir):  # noqa: F811
