@@ -240,7 +240,7 @@ def repair_linear(
         if not diagonal and eq.num_tokens < eq.mtm.shape[0]:
             logger.warning(
                 "gap %s: %d tokens for a %d-wide T; the ridge decides the rest",
-                gap.removed,
+                list(gap.removed),
                 eq.num_tokens,
                 eq.mtm.shape[0],
             )
@@ -261,7 +261,7 @@ def repair_linear(
         changed.update(folded)
         record.folded_into, record.num_tokens = sorted(folded), eq.num_tokens
         record.time_s = time.perf_counter() - start
-        logger.info("gap %s: fit error %.4g → %.4g", gap.removed, err.fit_rel_error_before, err.fit_rel_error)
+        logger.info("gap %s: fit error %.4g → %.4g", list(gap.removed), err.fit_rel_error_before, err.fit_rel_error)
         results.append(record)
     bar.close()
     return results, changed
