@@ -125,9 +125,26 @@ def _linear_paths(names: tuple[str, ...]) -> list[tuple[str, str]]:
 def test_time_budget_stops_it(pair):
     dense, pruned = pair
     start = time.perf_counter()
-    record, _, _ = distill(dense, pruned, calibration(n_batches=4), max_steps=1000, max_time_s=0.5, eval_every=1000)
+    record, _, _ = distill(dense, pruned, calibration(n_batches=4), max_steps=1000, max_time_s=2.0, eval_every=1000)
     assert record.stopped_because == "max_time_s"
     assert 0 < record.steps < 1000 and time.perf_counter() - start < 10  # loading included
+
+
+def test_time_budget_leaves_room_for_the_last_evaluation(pair, monkeypatch):
+    """The held-out evaluation after the last step counts too: a slow one must not push the run past the budget."""
+    import shortgpt_deploy.repair_distill as rd
+
+    real = rd._heldout_loss
+
+    def slow(*args: Any) -> float:
+        time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(rd, "_heldout_loss", slow)
+    dense, pruned = pair
+    record, _, _ = distill(dense, pruned, calibration(n_batches=4), max_steps=1000, max_time_s=3.0, eval_every=1000)
+    assert record.stopped_because == "max_time_s" and record.steps > 0
+    assert record.time_s < 3.0 + 0.5  # a step's jitter on a busy machine, not the 1 s of an evaluation
 
 
 def test_token_budget_and_early_stop(pair):
