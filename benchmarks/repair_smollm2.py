@@ -8,7 +8,7 @@ perplexity on the first 4,096 tokens of *Persuasion* (context 512, stride 256, a
 pruned and every repair, with each step's wall time. Everything is written to a temporary folder and removed.
 `--methods` picks the repairs; `a+b` chains them (b repairs a's output), e.g. `--methods linear,linear+distill`.
 `distill` trains on the same *Emma* blocks re-batched by `--distill-batch-size` (more, smaller steps in the
-same time), within `--distill-max-time-s`.
+same time), within `--distill-max-time-s` (default 540: with the held-out evaluations, under 10 minutes).
 
 Usage: .venv/bin/python benchmarks/repair_smollm2.py [--samples 64] [--seq-len 256] [--cosine] [--methods ...]
 """

@@ -18,19 +18,18 @@ What trains (`trainable`):
   dependencies (nor in the environment), and an adapter that merges by one add per weight is a few lines.
 Embeddings, the final norm and the LM head never train: with tied embeddings the LM head is the embedding.
 
-Budgets: `max_steps`, `max_tokens` (training tokens seen), `max_time_s` (no step is started that the last one's
-duration says would overrun it; one held-out evaluation may follow). The last `holdout` share of the
-calibration batches (at least one) is held out; its loss is measured before training and every `eval_every`
-steps, training stops early after `patience` evaluations without improvement, and the best state measured (the
-untrained one included) is what the student keeps. One step is one calibration batch; the batch order is a
-permutation per epoch drawn from `seed`, which also seeds torch (the adapters' initialisation).
+Budgets: `max_steps`, `max_tokens` (training tokens seen), `max_time_s` (the whole method: no step is started
+unless it and a held-out evaluation after it still fit, judged by the last ones' durations). The last
+`holdout` share of the calibration batches (at least one) is held out; its loss is measured before training and
+every `eval_every` steps, training stops early after `patience` evaluations without improvement, and the best
+state measured (the untrained one included) is what the student keeps. One step is one calibration batch; the
+batch order is a permutation per epoch drawn from `seed`, which also seeds torch (the adapters' initialisation).
 
 This module imports repair_methods only inside functions: repair_methods imports DistillOptions from here.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -300,9 +299,10 @@ class _Best:
                 p.copy_(kept)
 
 
-def _budget_spent(opts: DistillOptions, tokens: int, elapsed_s: float, step_s: float) -> str | None:
-    """Which budget stops training before the next step: none is started that would overrun the time."""
-    if opts.max_time_s is not None and elapsed_s + step_s > opts.max_time_s:
+def _budget_spent(opts: DistillOptions, tokens: int, elapsed_s: float, reserve_s: float) -> str | None:
+    """Which budget stops training before the next step: none is started unless `reserve_s` (the last step's and
+    the last evaluation's durations: a held-out evaluation may follow the step) still fits in the time."""
+    if opts.max_time_s is not None and elapsed_s + reserve_s > opts.max_time_s:
         return "max_time_s"
     if opts.max_tokens is not None and tokens >= opts.max_tokens:
         return "max_tokens"
@@ -327,14 +327,22 @@ def _train(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=opts.lr, weight_decay=0.0)  # decay would pull weights to zero
     order_rng = torch.Generator().manual_seed(opts.seed)
-    evaluate = functools.partial(_heldout_loss, dense, student, held, taps, opts)
+    eval_s = 0.0
+
+    def evaluate() -> float:
+        nonlocal eval_s
+        t = time.perf_counter()
+        loss = _heldout_loss(dense, student, held, taps, opts)
+        eval_s = time.perf_counter() - t
+        return loss
+
     best = _Best(trained, evaluate())
     before = last = best.loss
     steps = tokens = 0
     stopped, order, running, step_s = "max_steps", [], 0.0, 0.0
     bar = tqdm(total=opts.max_steps, desc="repair distill", unit="step", disable=not progress)
     while steps < opts.max_steps:
-        if spent := _budget_spent(opts, tokens, time.perf_counter() - start, step_s):
+        if spent := _budget_spent(opts, tokens, time.perf_counter() - start, step_s + eval_s):
             stopped = spent
             break
         t0 = time.perf_counter()
@@ -354,7 +362,7 @@ def _train(
             if best.stale >= opts.patience:
                 stopped = "early_stop"
                 break
-        step_s = time.perf_counter() - t0
+        step_s = time.perf_counter() - t0 - (eval_s if steps % opts.eval_every == 0 else 0.0)
     bar.close()
     if steps % opts.eval_every:  # the state trained last was not measured yet
         last = evaluate()
