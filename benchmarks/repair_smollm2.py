@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from shortgpt_deploy import repair
 from shortgpt_deploy.calibration import build_calibration, load_documents
 from shortgpt_deploy.evaluate import evaluate_perplexity
 from shortgpt_deploy.importance import score_layers
@@ -31,9 +30,6 @@ from shortgpt_deploy.recipe import CalibrationSpec
 from shortgpt_deploy.repair import RepairOptions, RepairResult, repair_checkpoint
 from shortgpt_deploy.repair_distill import DistillOptions
 from shortgpt_deploy.surgery import prune_checkpoint
-
-if "distill" not in repair.METHOD_TITLES:  # repair.py's model card learns distill with the wiring of issue 10
-    repair._model_card = lambda pruned_dir, result: ""
 
 MODEL = "offline:smollm2-135m-instruct"
 HELDOUT = "austen:persuasion"

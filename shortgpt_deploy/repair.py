@@ -49,6 +49,7 @@ REPAIR_RESULT = "repair.json"  # the same, in a build's run folder
 METHOD_TITLES = {
     "linear": "linear (ReplaceMe, arXiv 2505.02819)",
     "scale": "scale (after Prune&Comp, arXiv 2507.18212)",
+    "distill": "distill (knowledge distillation from the dense model)",
 }
 
 

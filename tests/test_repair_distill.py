@@ -12,7 +12,6 @@ import pytest
 import torch
 from test_repair import calibration, load, logits, pruned_pair
 
-from shortgpt_deploy import repair as repair_module
 from shortgpt_deploy.calibration import Batch
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.repair import REPAIR_FILE, RepairError, RepairOptions, RepairResult, repair_checkpoint
@@ -186,9 +185,6 @@ def test_saved_checkpoint_reloads_with_the_trained_logits(pair, tmp_path, monkey
         return repair_distill(dense_model, student, *args, **kwargs)
 
     monkeypatch.setitem(METHODS, "distill", keep_student)
-    # repair.py's model card knows the training-free methods only; the card for distill comes with the wiring of
-    # repair into the recipe and CLI (issue 10), not with this method.
-    monkeypatch.setattr(repair_module, "_model_card", lambda pruned_dir, result: "")
     options = RepairOptions(distill=DistillOptions(trainable="lora", lr=3e-3, max_steps=8, eval_every=4))
     result = repair_checkpoint(
         dense,
@@ -207,3 +203,5 @@ def test_saved_checkpoint_reloads_with_the_trained_logits(pair, tmp_path, monkey
     assert record.steps == 8 and record.heldout_loss_best < record.heldout_loss_before
     loaded = RepairResult.load(tmp_path / "distilled" / REPAIR_FILE)
     assert loaded.to_dict() == result.to_dict() and loaded.options["distill"]["trainable"] == "lora"
+    card = (tmp_path / "distilled" / "README.md").read_text()
+    assert "## Repair: distill" in card and "| 8 |" in card  # the model card's distill table: 8 steps
