@@ -71,6 +71,30 @@ def test_four_checkpoints_measured_and_predictions_from_them(run_dir, data_dir):
     assert data["verdict"] in report and f"| dense | 6 | {rows['dense']['perplexity']:.2f} |" in report
 
 
+def test_a_run_with_the_repaired_pair_measures_it_too(run_dir, tmp_path, data_dir):  # noqa: F811
+    run_folder, held = run_dir
+    folder = tmp_path / "run"
+    shutil.copytree(run_folder, folder)
+    for name, seed in (("repaired", 5), ("repaired-gptq", 6)):
+        tiny_llama(folder / name, num_layers=4, seed=seed)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["variants"] |= {"repaired": "repaired", "repaired-gptq": "repaired-gptq"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, output = run("analyze", folder, "--what", "orthogonality", "--heldout", held, "--tasks", "piqa", *HELD)
+    assert code == 0, output
+    data = json.loads((folder / "orthogonality.json").read_text())
+    assert list(data["variants"]) == list(FOUR)  # the paper's four, as before
+    rep = data["repaired"]
+    assert list(rep["variants"]) == ["dense", "dense-gptq", "repaired", "repaired-gptq"]
+    ppl = {v: r["perplexity"] for v, r in rep["variants"].items()}
+    assert rep["predicted_if_independent"]["perplexity"] == pytest.approx(
+        ppl["repaired"] * ppl["dense-gptq"] / ppl["dense"]
+    )
+    flat = " ".join(output.split())
+    assert rep["verdict"].startswith("repaired-gptq perplexity") and " ".join(rep["verdict"].split()) in flat
+    assert "The repaired model and its GPTQ" in (folder / "report.md").read_text()
+
+
 def test_a_run_without_the_gptq_checkpoints(run_dir, tmp_path, data_dir):  # noqa: F811
     run_folder, held = run_dir
     partial = tmp_path / "run"
