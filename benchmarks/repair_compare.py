@@ -138,7 +138,7 @@ def make_repair(name, folders, costs, tmp, dense_dir, plan, calibration, distill
     for k, step in enumerate(steps):
         method = "linear" if step == "linear-cosine" else step
         options = RepairOptions(objective="cosine" if step == "linear-cosine" else "lstsq", distill=distill)
-        out = tmp / f"{name}.{k}"
+        out = tmp / f"{name.replace('+', '_')}.{k}"  # transformers warns about a "+" in a folder name
         t = time.perf_counter()
         result = repair_checkpoint(
             dense_dir,
@@ -160,7 +160,7 @@ def make_repair(name, folders, costs, tmp, dense_dir, plan, calibration, distill
 def quantize_and_measure(args, tasks, record, src: Path, tmp: Path) -> None:
     name = f"{args.gptq}-gptq"
     t = time.perf_counter()
-    q = quantize_checkpoint(src, out_dir=tmp / name)
+    q = quantize_checkpoint(src, out_dir=tmp / name.replace("+", "_"))
     cost = time.perf_counter() - t
     print(f"  {name}: {q.scheme} g{q.group_size} by {q.producer} in {q.duration_s:.0f} s")
     measure(args, tasks, record, name, q.out_dir, cost, quantize=q.to_dict())
