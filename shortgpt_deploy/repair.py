@@ -93,13 +93,14 @@ class RepairResult:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RepairResult:
+        steps = [RepairStep(**(step | {"gaps": [GapRepair(**g) for g in step["gaps"]]})) for step in d["steps"]]
+        return cls(**(d | {"steps": steps}))
+
+    @classmethod
     def load(cls, path: Path) -> RepairResult:
         try:
-            d = json.loads(Path(path).read_text())
-            d["steps"] = [
-                RepairStep(**(step | {"gaps": [GapRepair(**g) for g in step["gaps"]]})) for step in d["steps"]
-            ]
-            return cls(**d)
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise RepairError(f"{path} is not a repair.json written by shortgpt-deploy: {err}") from None
 

@@ -351,10 +351,15 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
         return "\n\n".join([*out, _absent("repair", status["repair"])])
     from .repair import RepairResult, step_table
 
-    r = run.repair
+    try:
+        r = RepairResult.from_dict(run.repair)
+    except (KeyError, TypeError) as err:
+        raise ReportError(
+            f"{run.path / 'repair.json'} is not a repair.json written by shortgpt-deploy: {err}"
+        ) from None
     out.append(
-        f"{' then '.join(r['methods'])}, fitted on {r['tokens']} tokens of {r['data'].get('source', '?')} in "
-        f"{r['time_s']:.1f} s and folded into the weights: `repaired/` has the pruned checkpoint's tensor names and "
+        f"{' then '.join(r.methods)}, fitted on {r.tokens} tokens of {r.data.get('source', '?')} in "
+        f"{r.time_s:.1f} s and folded into the weights: `repaired/` has the pruned checkpoint's tensor names and "
         "shapes (so the same speed), and loads in transformers and vLLM as it is."
     )
     ppl = {n: i.perplexity for n, i in infos.items()}
@@ -371,7 +376,7 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
             f"Perplexity: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f}, repaired {ppl['repaired']:.2f} "
             f"({verdict})."
         )
-    for step in RepairResult.load(run.path / "repair.json").steps:
+    for step in r.steps:
         out += [f"**{step.method}** ({step.time_s:.1f} s):", step_table(step), *(f"- {n}" for n in step.notes)]
     return "\n\n".join(out)
 
