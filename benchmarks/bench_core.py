@@ -249,11 +249,9 @@ def log(message: str) -> None:
 def make_calibration(recipe: Any, tokenizer: Any, checkpoint: Any) -> Any:
     """The calibration set `shortgpt-deploy build` would score (same add_bos rule as pipeline.py)."""
     from shortgpt_deploy.calibration import build_calibration, load_documents
-    from shortgpt_deploy.modeling import tokenizer_adds_bos
+    from shortgpt_deploy.modeling import decide_add_bos
 
-    add_bos = recipe.model.add_bos
-    if add_bos is None:
-        add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
+    add_bos = decide_add_bos(tokenizer, requested=recipe.model.add_bos, source=checkpoint.add_bos)
     calib = recipe.calibration
     return build_calibration(load_documents(calib), tokenizer, calib, add_bos=add_bos, source=calib.source)
 

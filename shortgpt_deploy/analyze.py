@@ -409,7 +409,7 @@ def provenance() -> dict[str, Any]:
 
 def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool) -> tuple[Context, str]:
     from .calibration import build_calibration, load_documents
-    from .modeling import load_model, resolve_checkpoint, tokenizer_adds_bos
+    from .modeling import decide_add_bos, load_model, resolve_checkpoint
     from .tasks import load_task
 
     # before the model, so that an unknown task or missing task data fails at once
@@ -417,7 +417,7 @@ def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool)
     docs = load_documents(settings.calibration)  # so does a missing or binary calibration file
     checkpoint = resolve_checkpoint(model_spec)
     model, tokenizer = load_model(checkpoint.path)
-    add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
+    add_bos = decide_add_bos(tokenizer, requested=None, source=checkpoint.add_bos)
     calib, greedy = (
         build_calibration(docs, tokenizer, spec, add_bos=add_bos, source=spec.source)
         for spec in (settings.calibration, settings.greedy_calibration)

@@ -115,10 +115,10 @@ def evaluate_perplexity(
     progress: bool = True,
 ) -> Perplexity:
     """Load a checkpoint folder and measure its perplexity on held-out text."""
-    from .modeling import load_model, tokenizer_adds_bos
+    from .modeling import decide_add_bos, load_model
 
     model, tokenizer = load_model(Path(model_dir), dtype=dtype)
-    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    bos = decide_add_bos(tokenizer, requested=add_bos)
     ids = heldout_token_ids(tokenizer, text, max_tokens=max_tokens, add_bos=bos)
     return perplexity(model, ids, context_len=context_len, stride=stride, text=text, progress=progress)
 
@@ -213,7 +213,7 @@ def evaluate_variants(
     Models are loaded one at a time (GPTQ folders dequantized, see modeling.load_model) in `dtype`. Returns the
     content of eval.json: settings, {"perplexity": {name: ...}, "agreement": [...]}.
     """
-    from .modeling import load_model, tokenizer_adds_bos
+    from .modeling import decide_add_bos, load_model
     from .tasks import load_task
 
     loaded = [load_task(t, limit=limit, shots=shots) for t in tasks]  # missing data fails before any model loads
@@ -223,7 +223,7 @@ def evaluate_variants(
     for name, folder in models.items():
         logger.info("eval: %s (%s)", name, folder)
         model, tokenizer = load_model(Path(folder), dtype=dtype)
-        bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+        bos = decide_add_bos(tokenizer, requested=add_bos)
         ids = heldout_token_ids(tokenizer, text, max_tokens=max_tokens, add_bos=bos)
         ppl[name] = perplexity(
             model, ids, context_len=context_len, stride=stride, text=text, progress=progress
@@ -433,12 +433,12 @@ def evaluate_tasks(
     All task data is loaded before the model, so a missing data set fails at once. Returns per-task results
     (acc, acc_norm, n, stderrs, shots, split, source, duration_s) and their unweighted average over tasks.
     """
-    from .modeling import load_model, tokenizer_adds_bos
+    from .modeling import decide_add_bos, load_model
     from .tasks import load_task
 
     loaded = [load_task(name, limit=limit, shots=shots) for name in tasks]
     model, tokenizer = load_model(Path(model_dir), dtype=dtype)
-    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    bos = decide_add_bos(tokenizer, requested=add_bos)
     results = run_tasks(model, tokenizer, loaded, batch_size=batch_size, add_bos=bos, progress=progress)
     settings = {"limit": limit, "batch_size": batch_size, "add_bos": bos, "dtype": dtype}
     return {"model": str(model_dir), **settings, **results}

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .recipe import ModelSpec
+
 
 logger = logging.getLogger(__name__)
 
@@ -381,3 +383,26 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     bos = tokenizer.bos_token_id
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def decide_add_bos(tokenizer: PreTrainedTokenizerBase, *, requested: bool | None, source: bool | None = None) -> bool:
+    """Whether every token sequence we build starts with BOS, decided one way for every stage: the recipe's
+    `model.add_bos` when it is set, else the source checkpoint's own preference (a GGUF file records one), else
+    what the tokenizer itself does. Scoring, repair, GPTQ calibration and evaluation all ask here, so a model is
+    never scored with BOS and quantized or evaluated without it."""
+    if requested is not None:
+        return requested
+    if source is not None:
+        return source
+    return tokenizer_adds_bos(tokenizer)
+
+
+def source_add_bos(model: ModelSpec, checkpoint: Checkpoint | None = None) -> bool | None:
+    """The BOS choice a recipe's model implies before any tokenizer is loaded: its `add_bos`, else the source
+    checkpoint's own preference, else None (= ask the tokenizer, in `decide_add_bos`). The build's later stages
+    pass this on, so they tokenize as scoring did."""
+    if model.add_bos is not None:
+        return model.add_bos
+    if checkpoint is None:
+        checkpoint = resolve_checkpoint(model.path, revision=model.revision)
+    return checkpoint.add_bos

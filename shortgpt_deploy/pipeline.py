@@ -25,7 +25,7 @@ from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
-from .modeling import Checkpoint, cache_dir, load_model, resolve_checkpoint, tokenizer_adds_bos
+from .modeling import Checkpoint, cache_dir, decide_add_bos, load_model, resolve_checkpoint, source_add_bos
 from .plan import LayerPlan, check_amount, check_request, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
 from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
@@ -72,9 +72,7 @@ def _calibrate_and_score(
         from .budget import load_budget_tasks
 
         load_budget_tasks(prune.budget)  # missing task data fails before minutes of scoring (preflight did too)
-    add_bos = model_spec.add_bos
-    if add_bos is None:
-        add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
+    add_bos = decide_add_bos(tokenizer, requested=model_spec.add_bos, source=checkpoint.add_bos)
     with manifest.timed("calibration_tokenize"):
         calibration = build_calibration(docs, tokenizer, calib, add_bos=add_bos, source=calib.source)
     manifest.seeds["calibration"] = calib.seed
@@ -131,7 +129,7 @@ def _select_budget(
     protected = set(normalize_protected(prune.protect, scores.num_layers))
     ranked = [s["removed"] for s in scores.iterative] if scores.iterative else scores.removal_order
     order = [i for i in ranked if i not in protected]
-    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    bos = decide_add_bos(tokenizer, requested=add_bos)
     n_max = n_from_ratio(b.max_ratio, scores.num_layers)
     if b.criterion == "retention":
         assert b.min_retention_pct is not None
@@ -421,7 +419,7 @@ def score_and_prune(
             if p.budget is not None:
                 with manifest.timed("budget"):
                     budget = _select_budget(
-                        model, tokenizer, scores, p, add_bos=recipe.model.add_bos, progress=progress
+                        model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
                     )
                 atomic_write_text(tmp / "budget.json", json.dumps(budget.to_dict(), indent=2) + "\n")
             del model  # surgery streams from disk; free the weights first

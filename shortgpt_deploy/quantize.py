@@ -240,10 +240,10 @@ def _calibration_rows(src: Path, spec: CalibrationSpec, add_bos: bool | None) ->
     from transformers import AutoTokenizer
 
     from .calibration import build_calibration, load_documents
-    from .modeling import tokenizer_adds_bos
+    from .modeling import decide_add_bos
 
     tokenizer = AutoTokenizer.from_pretrained(src)
-    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    bos = decide_add_bos(tokenizer, requested=add_bos)
     calib = build_calibration(load_documents(spec), tokenizer, spec, add_bos=bos, source=spec.source)
     rows = []
     for batch in calib.batches:

@@ -198,13 +198,13 @@ def repair_pruned(
     from transformers import AutoTokenizer
 
     from .calibration import build_calibration, load_documents
-    from .modeling import tokenizer_adds_bos
+    from .modeling import decide_add_bos
 
     sizes = {"samples": repair.samples, "seq_len": repair.seq_len, "batch_size": repair.batch_size}
     spec = calibration.model_copy(update=sizes)
     docs = load_documents(spec)  # a bad calibration file fails before the models load
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
-    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    bos = decide_add_bos(tokenizer, requested=add_bos)
     return repair_checkpoint(
         dense_dir,
         pruned_dir,

@@ -40,13 +40,10 @@ def variant_dir(run_dir: Path, manifest: Manifest, name: str) -> Path:
 
 def _repair(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
     """The pruned checkpoint repaired by the recipe's methods in turn, fitted on its calibration text."""
-    from .modeling import resolve_checkpoint
+    from .modeling import source_add_bos
     from .repair import REPAIR_RESULT, repair_pruned
 
     assert recipe.repair is not None
-    add_bos = recipe.model.add_bos
-    if add_bos is None:  # as scoring decided it: the source's own setting, else what its tokenizer does
-        add_bos = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision).add_bos
     with manifest.timed("repair"):
         result = repair_pruned(
             variant_dir(run_dir, manifest, "dense"),
@@ -54,7 +51,7 @@ def _repair(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool
             out_dir=run_dir / "repaired",
             repair=recipe.repair,
             calibration=recipe.calibration,
-            add_bos=add_bos,
+            add_bos=source_add_bos(recipe.model),
             progress=progress,
         )
     result.save(run_dir / REPAIR_RESULT)
@@ -67,6 +64,7 @@ def _repair(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool
 
 def _quantize(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
     """GPTQ of each float checkpoint the quantize section names, calibrated on the recipe's calibration text."""
+    from .modeling import source_add_bos
     from .quantize import quantize_checkpoint
 
     q, choice = recipe.quantize, manifest.inputs["quantize"]  # settled by preflight
@@ -84,7 +82,7 @@ def _quantize(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bo
                 scheme=choice["scheme"],
                 target=choice["target"],
                 calibration=calib,
-                add_bos=recipe.model.add_bos,
+                add_bos=source_add_bos(recipe.model),
             )
         results[name] = result.to_dict() | {"out_dir": name, "source": source}
         manifest.variants[name] = name
@@ -98,6 +96,7 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
     """Perplexity of every checkpoint the run has, and greedy agreement with each one's reference."""
     from .evaluate import evaluate_variants
     from .manifest import git_revision, machine, package_versions
+    from .modeling import source_add_bos
 
     e = recipe.eval
     assert e is not None
@@ -111,7 +110,7 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
         max_tokens=e.max_tokens,
         greedy_prompts=e.greedy_prompts,
         greedy_tokens=e.greedy_tokens,
-        add_bos=recipe.model.add_bos,
+        add_bos=source_add_bos(recipe.model),
         dtype=recipe.model.dtype,
         tasks=e.tasks,
         limit=e.limit,

@@ -1,6 +1,8 @@
 """Scoring on a real forward pass: hooks see each layer's true input and output, padding is masked, and the
 iterative and angular variants do what they say."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import tiny_llama
@@ -80,3 +82,34 @@ def test_angular_block_distances(model):
     start = plan.remove[0]
     assert plan.remove == tuple(range(start, start + 3))
     assert d[start][start + 3] == min(d[s][s + 3] for s in range(1, 3))
+
+
+class _Tokenizer:
+    """Just enough of a tokenizer for decide_add_bos: adds BOS (id 1) or not."""
+
+    def __init__(self, adds_bos: bool) -> None:
+        self.bos_token_id = 1
+        self.adds_bos = adds_bos
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": ([1] if self.adds_bos and add_special_tokens else []) + [7]}
+
+
+def test_one_bos_rule_for_every_stage() -> None:
+    """The recipe's add_bos wins, then the source checkpoint's preference, then the tokenizer; the later stages
+    of a build get the same answer scoring got (they pass source_add_bos on, and decide_add_bos settles None)."""
+    from shortgpt_deploy.modeling import Checkpoint, decide_add_bos, source_add_bos
+    from shortgpt_deploy.recipe import ModelSpec
+
+    gguf = Checkpoint(path=Path("/nonexistent"), source="x.gguf", kind="gguf", add_bos=True)
+    folder = Checkpoint(path=Path("/nonexistent"), source="dir", kind="folder", add_bos=None)
+    plain = ModelSpec(path="x.gguf")
+    assert source_add_bos(plain, gguf) is True
+    assert source_add_bos(ModelSpec(path="x.gguf", add_bos=False), gguf) is False
+    assert source_add_bos(plain, folder) is None
+    no_bos = _Tokenizer(adds_bos=False)
+    assert decide_add_bos(no_bos, requested=None, source=True) is True  # the GGUF's choice, not the tokenizer's
+    assert decide_add_bos(no_bos, requested=source_add_bos(plain, gguf)) is True  # what a later stage computes
+    assert decide_add_bos(no_bos, requested=None) is False
+    assert decide_add_bos(_Tokenizer(adds_bos=True), requested=None) is True
+    assert decide_add_bos(_Tokenizer(adds_bos=True), requested=False, source=True) is False
