@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """What the repairs (issue 10) recover on an offline model pruned by 25%: perplexity, accuracy, retention, cost.
 
-Scores the model on *Emma* (64 × 256 tokens, the default recipe's calibration) with `--metric`, removes 25% of
-its layers (first and last protected), repairs the pruned checkpoint with each of `--methods` (fitted on the
-same *Emma* batches; `a+b` chains b after a, reusing a's row when there is one, e.g. `linear,linear+distill`;
-`linear-cosine` is `linear` with the cosine objective), optionally GPTQ-quantizes one variant (`--gptq NAME`),
-and measures every variant: held-out perplexity on the first `--max-tokens` tokens of *Persuasion* (context 512,
-stride 256, as the report), the share of the dense → pruned log-perplexity gap it recovers, multiple-choice
-accuracy on `--tasks` (first `--limit` items, zero-shot) averaged over tasks, retention (that average ÷ the
-dense one), and the cost of making it from the pruned checkpoint (wall seconds: the repair, or GPTQ alone).
-Checkpoints live in a temporary folder that is removed; `--json OUT` writes every number with provenance
-(rewritten after each variant, so a run cut short keeps what it measured).
+Scores the model on *Emma* (64 × 256 tokens, the default recipe's calibration) with `--metric`, removes 25% of its
+layers (first and last protected), repairs the pruned checkpoint with each of `--methods` (fitted on the same
+*Emma* batches; `a+b` chains b after a, reusing a's row when there is one, e.g. `linear,linear+distill`;
+`linear-cosine` is `linear` with the cosine objective, `linear-r0.1` with ridge 0.1), optionally GPTQ-quantizes one
+variant (`--gptq NAME`), and measures every variant: held-out perplexity on the first `--max-tokens` tokens of
+*Persuasion* (context 512, stride 256, as the report), the share of the dense → pruned log-perplexity gap it
+recovers, multiple-choice accuracy on `--tasks` (first `--limit` items, zero-shot) averaged over tasks, retention
+(that average ÷ the dense one), and the cost of making it from the pruned checkpoint (wall seconds: the repair, or
+GPTQ alone). Checkpoints live in a temporary folder that is removed; `--json OUT` writes every number with
+provenance (rewritten after each variant, so a run cut short keeps what it measured).
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/repair_compare.py [--model offline:gemma3-270m] [--metric angular]
     [--methods pruned,linear,scale,linear+distill] [--distill-max-time-s 600] [--gptq linear+distill] [--json OUT]
@@ -136,8 +136,7 @@ def make_repair(name, folders, costs, tmp, dense_dir, plan, calibration, distill
         steps, source, cost = steps[-1:], folders[done], costs[done]
     results = []
     for k, step in enumerate(steps):
-        method = "linear" if step == "linear-cosine" else step
-        options = RepairOptions(objective="cosine" if step == "linear-cosine" else "lstsq", distill=distill)
+        method, options = step_options(step, distill)
         out = tmp / f"{name.replace('+', '_')}.{k}"  # transformers warns about a "+" in a folder name
         t = time.perf_counter()
         result = repair_checkpoint(
@@ -155,6 +154,16 @@ def make_repair(name, folders, costs, tmp, dense_dir, plan, calibration, distill
         results.append(result.to_dict())
         source = out
     return source, cost, results
+
+
+def step_options(step: str, distill: DistillOptions) -> tuple[str, RepairOptions]:
+    """A step name → (method, options): `linear-cosine` is the cosine objective; `linear-r0.1` the least-squares
+    fit with ridge 0.1 (relative to tr(MᵀM)/d, pulling T towards the identity; the default is 1e-4)."""
+    if step == "linear-cosine":
+        return "linear", RepairOptions(objective="cosine", distill=distill)
+    if step.startswith("linear-r"):
+        return "linear", RepairOptions(ridge=float(step.removeprefix("linear-r")), distill=distill)
+    return step, RepairOptions(distill=distill)
 
 
 def quantize_and_measure(args, tasks, record, src: Path, tmp: Path) -> None:
