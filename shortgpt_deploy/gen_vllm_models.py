@@ -1,0 +1,207 @@
+"""vLLM model classes for ShortGPT-gen checkpoints (see gen_vllm for the contract). Imports vLLM.
+
+Which tokens are prefill: every attention backend's metadata carries `query_start_loc` (request r's new tokens
+are rows query_start_loc[r]:query_start_loc[r+1] of this step's flattened batch; for the CPU backend
+vllm/v1/attention/backends/cpu_attn.py, CPUAttentionMetadata). A request with more than one new token is
+processing a prompt (chunk); with one, it decodes. The CPU runner does not reorder decodes first, so the rows are
+found per request rather than as a leading block.
+
+How a listed ("skipped") layer runs, for the whole batch:
+- no prefill rows (a decode-only step): the stock layer;
+- only prefill rows: input norm, qkv projection, k_norm (Gemma3), rotary on keys, K/V written into the cache;
+  no attention, o_proj or MLP at all; the stream passes through;
+- both: K/V as above for all rows, attention for all rows (the CPU kernel takes one batch layout per step, so
+  the queries of prefill rows are computed and thrown away), o_proj, post norms and MLP only on decode rows.
+
+torch.compile: vLLM's CPU platform traces the model once with Dynamo (CompilationMode.DYNAMO_TRACE_ONCE, no
+guards) and hands the graph to Inductor, so a Python branch on the batch layout would be frozen at trace time.
+The skipped layer is therefore one opaque custom op (torch.ops.shortgpt_gen.skipped_layer) that reads the
+forward context when it runs, eagerly; the other layers stay compiled. No --enforce-eager is needed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from .gen_vllm import GenSpec, read_gen_spec
+
+_LIB = torch.library.Library("shortgpt_gen", "FRAGMENT")  # noqa: TOR901  (the op lives as long as this module)
+
+
+# ------------------------------------------------------------------------------------------------ the op
+def _skipped_layer(
+    positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None, layer_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The attention layer is how vLLM finds a layer by name in this engine (static forward context); it points
+    # back to its decoder layer through a weak reference set by _install (a strong one would be a module cycle).
+    attn = get_forward_context().no_compile_layers[layer_name]
+    return attn._shortgpt_gen_owner().gen_forward(positions, hidden_states, residual)
+
+
+def _skipped_layer_fake(
+    positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None, layer_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(hidden_states), torch.empty_like(hidden_states)
+
+
+direct_register_custom_op("skipped_layer", _skipped_layer, fake_impl=_skipped_layer_fake, target_lib=_LIB)
+
+
+def _layer_metadata(layer_name: str) -> Any:
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # speculative decoding: [0] is the base model's
+        metadata = metadata[0]
+    if isinstance(metadata, dict):
+        metadata = metadata.get(layer_name)
+    return metadata
+
+
+def prefill_rows(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Bool mask over this step's `num_rows` token rows: True where the row's request has more than one new
+    token (query_len = query_start_loc[r+1] - query_start_loc[r] > 1). Padding rows past the last request are
+    False (they run the stock layer, which is harmless)."""
+    starts = query_start_loc.to("cpu", torch.long)
+    query_lens = starts[1:] - starts[:-1]
+    per_row = torch.repeat_interleave(query_lens > 1, query_lens)
+    mask = torch.zeros(num_rows, dtype=torch.bool)
+    mask[: per_row.numel()] = per_row[:num_rows]
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class _SkippedLayer:
+    """Mixed into a decoder layer class listed in skip_prefill_layers. The family hooks are `_qkv` (after the
+    input norm) and `_finish` (o_proj to the layer's output, on decode rows)."""
+
+    _gen_base: type[nn.Module]
+    _gen_rotate_keys: bool
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        if kwargs:  # no caller of the supported families passes any; refuse rather than drop them silently
+            raise TypeError(f"unexpected decoder-layer arguments {sorted(kwargs)}")
+        name = self.self_attn.attn.layer_name
+        return torch.ops.shortgpt_gen.skipped_layer(positions, hidden_states, residual, name)
+
+    def gen_forward(self, positions, hidden_states, residual):
+        attn = self.self_attn.attn
+        metadata = _layer_metadata(attn.layer_name)
+        # Fused add+norm writes into its inputs, and the op declares no mutation to the compiled graph: copy.
+        hidden_states = hidden_states.clone()
+        residual = None if residual is None else residual.clone()
+        if metadata is None:  # vLLM's warm-up and profiling runs
+            return self._gen_base.forward(self, positions, hidden_states, residual)
+        prefill = prefill_rows(metadata.query_start_loc, hidden_states.shape[0]).to(hidden_states.device)
+        if not bool(prefill.any()):
+            return self._gen_base.forward(self, positions, hidden_states, residual)
+        if residual is None:
+            stream, normed = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            normed, stream = self.input_layernorm(hidden_states, residual)
+        q, k, v = self._qkv(positions, normed, None if self._gen_rotate_keys else prefill)
+        decode = torch.nonzero(~prefill).squeeze(1)
+        # The pass-through in vLLM's fused-residual convention: (0, stream) adds up to the stream unchanged.
+        out_hidden, out_residual = torch.zeros_like(stream), stream
+        if decode.numel() == 0 and not attn.attn_backend.forward_includes_kv_cache_update:
+            sa = self.self_attn
+            unified_kv_cache_update(k.view(-1, sa.num_kv_heads, sa.head_dim), v.view(-1, sa.num_kv_heads, sa.head_dim),
+                                    attn.layer_name)  # fmt: skip
+            return out_hidden, out_residual
+        attn_output = attn(q, k, v)  # writes K/V of every row; only decode rows' outputs are used
+        if decode.numel():
+            h, r = self._finish(attn_output.index_select(0, decode), stream.index_select(0, decode))
+            out_hidden = out_hidden.index_copy(0, decode, h)
+            out_residual = out_residual.index_copy(0, decode, r)
+        return out_hidden, out_residual
+
+    @staticmethod
+    def _keep_unrotated(k: torch.Tensor, rotated: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return rotated if rows is None else torch.where(rows.unsqueeze(1), k, rotated)
+
+
+class _SkippedLlamaLayer(_SkippedLayer):
+    def _qkv(self, positions, normed, unrotated_rows):
+        sa = self.self_attn
+        qkv, _ = sa.qkv_proj(normed)
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        raw_k = None if unrotated_rows is None else k.clone()  # the CPU rotary kernel rotates in place
+        q, k_rot = sa.rotary_emb(positions, q, k)
+        return q, (k_rot if raw_k is None else self._keep_unrotated(raw_k, k_rot, unrotated_rows)), v
+
+    def _finish(self, attn_output, stream):
+        out, _ = self.self_attn.o_proj(attn_output)
+        h, r = self.post_attention_layernorm(out, stream)
+        return self.mlp(h), r
+
+
+class _SkippedGemma3Layer(_SkippedLayer):
+    def _qkv(self, positions, normed, unrotated_rows):
+        sa = self.self_attn
+        qkv, _ = sa.qkv_proj(normed)
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        q = sa.q_norm(q.unflatten(-1, (sa.num_heads, sa.head_dim))).flatten(-2, -1)
+        k = sa.k_norm(k.unflatten(-1, (sa.num_kv_heads, sa.head_dim))).flatten(-2, -1)
+        raw_k = None if unrotated_rows is None else k.clone()
+        q, k_rot = sa.rotary_emb(positions, q, k)
+        return q, (k_rot if raw_k is None else self._keep_unrotated(raw_k, k_rot, unrotated_rows)), v
+
+    def _finish(self, attn_output, stream):
+        out, _ = self.self_attn.o_proj(attn_output)
+        out = self.post_attention_layernorm(out)
+        h, r = self.pre_feedforward_layernorm(out, stream)
+        return self.post_feedforward_layernorm(self.mlp(h)), r
+
+
+_SKIPPED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _skipped_class(base: type[nn.Module], mixin: type[_SkippedLayer]) -> type[nn.Module]:
+    if base not in _SKIPPED_CLASSES:
+        _SKIPPED_CLASSES[base] = type(f"ShortGPTGenSkipped{base.__name__}", (mixin, base), {"_gen_base": base})
+    return _SKIPPED_CLASSES[base]
+
+
+def _install(model: nn.Module, spec: GenSpec, mixin: type[_SkippedLayer], base: type[nn.Module]) -> None:
+    """Turn the listed decoder layers of `model` (a LlamaModel / Gemma3Model) into skipped layers.
+
+    The layer's class is swapped rather than the layer rebuilt or wrapped: its parameters keep their names, so
+    vLLM's weight loading and the compiled decoder loop of the stock model are untouched, and Gemma3Model,
+    which builds its layers itself, needs no copy of its constructor.
+    """
+    for index in spec.skip_prefill_layers:
+        if not model.start_layer <= index < model.end_layer:
+            continue  # another pipeline stage holds it
+        layer = model.layers[index]
+        if type(layer) is not base:
+            raise TypeError(f"layer {index} is a {type(layer).__name__}, expected {base.__name__}")
+        layer.__class__ = _skipped_class(base, mixin)
+        layer._gen_rotate_keys = spec.rotate_skipped_keys
+        object.__setattr__(layer.self_attn.attn, "_shortgpt_gen_owner", weakref.ref(layer))
+
+
+class ShortGPTGenLlamaForCausalLM(LlamaForCausalLM):
+    """A Llama-family gen checkpoint (architectures = ["ShortGPTGenLlamaForCausalLM"])."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        config = vllm_config.model_config.hf_config
+        spec = read_gen_spec(config, architecture="LlamaForCausalLM", num_layers=config.num_hidden_layers)
+        _install(self.model, spec, _SkippedLlamaLayer, layer_type)
+
+
+class ShortGPTGenGemma3ForCausalLM(Gemma3ForCausalLM):
+    """A Gemma-3 text gen checkpoint (architectures = ["ShortGPTGenGemma3ForCausalLM"])."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
+        spec = read_gen_spec(config, architecture="Gemma3ForCausalLM", num_layers=config.num_hidden_layers)
+        _install(self.model, spec, _SkippedGemma3Layer, Gemma3DecoderLayer)
