@@ -21,6 +21,7 @@ forward context when it runs, eagerly; the other layers stay compiled. No --enfo
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
@@ -32,7 +33,10 @@ from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausa
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from .gen_vllm import GenSpec, read_gen_spec
+from .errors import ModelLoadError
+from .gen_vllm import GenSpec, gen_architecture, read_gen_spec
+
+logger = logging.getLogger(__name__)
 
 _LIB = torch.library.Library("shortgpt_gen", "FRAGMENT")  # noqa: TOR901  (the op lives as long as this module)
 
@@ -187,14 +191,28 @@ def _install(model: nn.Module, spec: GenSpec, mixin: type[_SkippedLayer], base: 
         object.__setattr__(layer.self_attn.attn, "_shortgpt_gen_owner", weakref.ref(layer))
 
 
+def _gen_spec(vllm_config: Any, architecture: str) -> GenSpec:
+    """The checkpoint's gen section, and the engine settings under which "query_len > 1" still means prefill."""
+    if vllm_config.speculative_config is not None:
+        # Verifying k draft tokens is a step with query_len k + 1 for a decoding request: it would skip layers.
+        raise ModelLoadError(f"{gen_architecture(architecture)} cannot be served with speculative decoding; "
+                             "start vLLM without --speculative-config")  # fmt: skip
+    if vllm_config.cache_config.enable_prefix_caching:
+        logger.warning(
+            "prefix caching is on: a prompt found in the cache recomputes only its last token (query_len 1, every "
+            "layer), and cached blocks of generated text hold K/V from every layer, so repeated prompts can "
+            "answer differently from fresh ones; start vLLM with --no-enable-prefix-caching for the gen rule exactly"
+        )
+    config = vllm_config.model_config.hf_config
+    return read_gen_spec(config, architecture=architecture, num_layers=config.num_hidden_layers)
+
+
 class ShortGPTGenLlamaForCausalLM(LlamaForCausalLM):
     """A Llama-family gen checkpoint (architectures = ["ShortGPTGenLlamaForCausalLM"])."""
 
     def __init__(self, *, vllm_config, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-        config = vllm_config.model_config.hf_config
-        spec = read_gen_spec(config, architecture="LlamaForCausalLM", num_layers=config.num_hidden_layers)
-        _install(self.model, spec, _SkippedLlamaLayer, layer_type)
+        _install(self.model, _gen_spec(vllm_config, "LlamaForCausalLM"), _SkippedLlamaLayer, layer_type)
 
 
 class ShortGPTGenGemma3ForCausalLM(Gemma3ForCausalLM):
@@ -202,6 +220,4 @@ class ShortGPTGenGemma3ForCausalLM(Gemma3ForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = vllm_config.model_config.hf_config
-        spec = read_gen_spec(config, architecture="Gemma3ForCausalLM", num_layers=config.num_hidden_layers)
-        _install(self.model, spec, _SkippedGemma3Layer, Gemma3DecoderLayer)
+        _install(self.model, _gen_spec(vllm_config, "Gemma3ForCausalLM"), _SkippedGemma3Layer, Gemma3DecoderLayer)
