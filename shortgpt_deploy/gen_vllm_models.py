@@ -10,8 +10,11 @@ How a listed ("skipped") layer runs, for the whole batch:
 - no prefill rows (a decode-only step): the stock layer;
 - only prefill rows: input norm, qkv projection, k_norm (Gemma3), rotary on keys, K/V written into the cache;
   no attention, o_proj or MLP at all; the stream passes through;
-- both: K/V as above for all rows, attention for all rows (the CPU kernel takes one batch layout per step, so
-  the queries of prefill rows are computed and thrown away), o_proj, post norms and MLP only on decode rows.
+- both: K/V as above for all rows; attention, o_proj, post norms and MLP only on the decode rows. For the CPU
+  backend the decode requests are handed to its kernel as a batch of their own (_attend_decode_rows); on any
+  other backend attention runs for every row and the prefill rows' outputs are dropped.
+What a skipped layer still computes for prefill rows beyond K/V: their queries (qkv_proj is one fused matrix, and
+on the CPU its weight may be repacked for oneDNN, so the k/v columns cannot simply be sliced out).
 
 torch.compile: vLLM's CPU platform traces the model once with Dynamo (CompilationMode.DYNAMO_TRACE_ONCE, no
 guards) and hands the graph to Inductor, so a Python branch on the batch layout would be frozen at trace time.
@@ -21,6 +24,7 @@ forward context when it runs, eagerly; the other layers stay compiled. No --enfo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any
@@ -81,6 +85,45 @@ def prefill_rows(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
     return mask
 
 
+def _attend_decode_rows(attn, q, k, v, metadata, decode: torch.Tensor) -> torch.Tensor | None:
+    """Write K/V of every row into the cache, then attention for the decode rows only (num_decode x hidden);
+    None (nothing written) where the backend is not the CPU one this knows how to call for a subset."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
+
+    impl = attn.impl
+    if not (isinstance(metadata, CPUAttentionMetadata) and type(impl) is CPUAttentionBackendImpl):
+        return None
+    if metadata.dynamic_causal is not None or metadata.encoder_cache is not None:
+        return None
+    heads, kv_heads, dim = impl.num_heads, impl.num_kv_heads, impl.head_size
+    unified_kv_cache_update(k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim), attn.layer_name)
+    if decode.numel() == 0:
+        return q.new_empty(0, heads * dim)
+    # The decode requests as a batch of their own: one query each, their own sequence lengths and blocks; the
+    # kernel's work partition (scheduler metadata) is built for that batch as CPUAttentionMetadataBuilder does.
+    starts = metadata.query_start_loc.to(torch.long)
+    requests = torch.nonzero(starts[1:] - starts[:-1] == 1).squeeze(1)
+    seq_lens = metadata.seq_lens.index_select(0, requests)
+    query_start_loc = torch.arange(requests.numel() + 1, dtype=metadata.query_start_loc.dtype)
+    scheduler = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=requests.numel(), num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, seq_lens=seq_lens,
+        dtype=q.dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=impl.sliding_window,
+        isa=attn.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=impl.kv_cache_dtype,
+    )  # fmt: skip
+    sub = dataclasses.replace(
+        metadata, num_actual_tokens=requests.numel(), max_query_len=1, query_start_loc=query_start_loc,
+        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=metadata.block_table.index_select(0, requests),
+        slot_mapping=metadata.slot_mapping.index_select(0, decode), scheduler_metadata=scheduler, causal=True,
+    )  # fmt: skip
+    output = q.new_empty(decode.numel(), heads, dim)
+    q_d = q.index_select(0, decode).view(-1, heads, dim)
+    impl.forward(attn, q_d, k.index_select(0, decode).view(-1, kv_heads, dim),
+                 v.index_select(0, decode).view(-1, kv_heads, dim), attn.kv_cache, sub, output)  # fmt: skip
+    return output.view(decode.numel(), heads * dim)
+
+
 # ------------------------------------------------------------------------------------------------ layers
 class _SkippedLayer:
     """Mixed into a decoder layer class listed in skip_prefill_layers. The family hooks are `_qkv` (after the
@@ -114,11 +157,14 @@ class _SkippedLayer:
         decode = torch.nonzero(~prefill).squeeze(1)
         # The pass-through in vLLM's fused-residual convention: (0, stream) adds up to the stream unchanged.
         out_hidden, out_residual = torch.zeros_like(stream), stream
-        if decode.numel() == 0 and not attn.attn_backend.forward_includes_kv_cache_update:
-            sa = self.self_attn
-            unified_kv_cache_update(k.view(-1, sa.num_kv_heads, sa.head_dim), v.view(-1, sa.num_kv_heads, sa.head_dim),
-                                    attn.layer_name)  # fmt: skip
-            return out_hidden, out_residual
+        attn_output = _attend_decode_rows(attn, q, k, v, metadata, decode)
+        if attn_output is None:  # a backend we cannot call for a subset: attention over every row
+            attn_output = attn(q, k, v).index_select(0, decode)  # writes K/V of every row
+        if decode.numel():
+            h, r = self._finish(attn_output, stream.index_select(0, decode))
+            out_hidden = out_hidden.index_copy(0, decode, h)
+            out_residual = out_residual.index_copy(0, decode, r)
+        return out_hidden, out_residual
         attn_output = attn(q, k, v)  # writes K/V of every row; only decode rows' outputs are used
         if decode.numel():
             h, r = self._finish(attn_output.index_select(0, decode), stream.index_select(0, decode))
