@@ -163,7 +163,7 @@ class Engine:
     """One in-process vLLM engine; `run` feeds requests in two waves so that the second wave's prompts are
     prefilled in the same steps as the first wave's decodes."""
 
-    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch):
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch, **engine_args):
         from vllm import LLM
 
         from shortgpt_deploy import gen_vllm_models
@@ -179,7 +179,7 @@ class Engine:
 
         monkeypatch.setattr(gen_vllm_models, "prefill_rows", watched)
         self.llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=8, skip_tokenizer_init=True,
-                       enable_prefix_caching=False, seed=0)  # fmt: skip
+                       enable_prefix_caching=False, seed=0, **engine_args)  # fmt: skip
 
     def run(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         from vllm import SamplingParams
@@ -197,6 +197,9 @@ class Engine:
         while engine.has_unfinished_requests():
             done |= {o.request_id: list(o.outputs[0].token_ids) for o in engine.step() if o.finished}
         return [done[str(i)] for i in range(len(prompts))]
+
+    def run_one_by_one(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        return [self.run([p], n)[0] for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +248,7 @@ def test_vllm_greedy_tokens_equal_the_reference(variant, engine_env, tmp_path, m
         got = engine.run(PROMPTS, N_TOKENS)
     finally:
         stop(engine)
+    assert all(len(t) == N_TOKENS for t in got)
     expected = [reference_tokens(folder, p, N_TOKENS, skip, rotate) for p in PROMPTS]
     dense = [dense_tokens(folder, p, N_TOKENS) for p in PROMPTS]
     assert got == expected
@@ -254,3 +258,18 @@ def test_vllm_greedy_tokens_equal_the_reference(variant, engine_env, tmp_path, m
         assert any(p and d for p, d in engine.steps) and any(p and not d for p, d in engine.steps)
     else:
         assert got == dense and not engine.steps  # a dense gen folder never enters the skipped-layer op
+
+
+@pytest.mark.vllm
+def test_chunked_prompts_skip_in_every_chunk(engine_env, tmp_path, monkeypatch):
+    """A prompt longer than the step's token budget is prefilled in chunks of 16 (none of one token: 31 and 19
+    leave 15 and 3); every chunk skips, and later chunks attend to the K/V the skipped layers wrote earlier."""
+    skip = [1, 2]
+    folder = gen_folder(tmp_path / "gen", "llama", skip, seed=1)
+    engine = Engine(folder, monkeypatch, max_num_batched_tokens=16)
+    try:
+        got = engine.run_one_by_one(PROMPTS, N_TOKENS)
+    finally:
+        stop(engine)
+    assert got == [reference_tokens(folder, p, N_TOKENS, skip, True) for p in PROMPTS]
+    assert (16, 0) in engine.steps and (15, 0) in engine.steps  # the 31-token prompt went in two chunks
