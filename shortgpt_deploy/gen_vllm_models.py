@@ -75,8 +75,8 @@ def _layer_metadata(layer_name: str) -> Any:
 
 def prefill_rows(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Bool mask over this step's `num_rows` token rows: True where the row's request has more than one new
-    token (query_len = query_start_loc[r+1] - query_start_loc[r] > 1). Padding rows past the last request are
-    False (they run the stock layer, which is harmless)."""
+    token (query_len = query_start_loc[r+1] - query_start_loc[r] > 1); False for decode rows and for padding
+    rows past the last request."""
     starts = query_start_loc.to("cpu", torch.long)
     query_lens = starts[1:] - starts[:-1]
     per_row = torch.repeat_interleave(query_lens > 1, query_lens)
@@ -154,7 +154,9 @@ class _SkippedLayer:
         else:
             normed, stream = self.input_layernorm(hidden_states, residual)
         q, k, v = self._qkv(positions, normed, None if self._gen_rotate_keys else prefill)
-        decode = torch.nonzero(~prefill).squeeze(1)
+        # Rows past the last request (padding, if the runner pads) are neither: they keep the pass-through.
+        num_real = int(metadata.query_start_loc[-1])
+        decode = torch.nonzero(~prefill[:num_real]).squeeze(1)
         # The pass-through in vLLM's fused-residual convention: (0, stream) adds up to the stream unchanged.
         out_hidden, out_residual = torch.zeros_like(stream), stream
         attn_output = _attend_decode_rows(attn, q, k, v, metadata, decode)
