@@ -147,7 +147,9 @@ def write_gen_checkpoint(
     arch = _dense_architecture(src, config)
     n = text_config(config)["num_hidden_layers"]
     if n != plan.num_layers_before:
-        raise PlanError(f"the plan is for {plan.num_layers_before} layers but {src}/config.json has num_hidden_layers={n}")
+        raise PlanError(
+            f"the plan is for {plan.num_layers_before} layers but {src}/config.json has num_hidden_layers={n}"
+        )
     shards, index = weight_files(src)
     headers, prefix = read_layer_tensors(src, n)
     check_layer_tensors(src, headers, prefix, config, list(range(n)))  # every layer still runs when decoding
@@ -163,8 +165,16 @@ def write_gen_checkpoint(
         copy_side_files(src, tmp)
         (tmp / "README.md").write_text(_model_card(plan, spec, base_model or str(src)))
         plan.save(tmp / PLAN_FILE)
-    logger.info("gen checkpoint: layers %s skip the prompt, %d weight files linked", list(spec.skip_prefill_layers), len(shards))
+    logger.info(
+        "gen checkpoint: layers %s skip the prompt, %d weight files linked", list(spec.skip_prefill_layers), len(shards)
+    )
     return spec
+
+
+def check_gen_source(src: Path) -> str:
+    """The architecture of a dense checkpoint ShortGPT-gen supports (else the error naming the supported ones),
+    from config.json alone: a build checks it before any model loads."""
+    return _dense_architecture(Path(src), read_config(Path(src)))
 
 
 def _dense_architecture(src: Path, config: dict[str, Any]) -> str:

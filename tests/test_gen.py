@@ -14,15 +14,19 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import build_tiny_checkpoint
+from tiny import WORDS, tiny_tokenizer
 from transformers import DynamicCache
+from typer.testing import CliRunner
 
 import shortgpt_deploy.gen as gen
-from shortgpt_deploy.errors import CheckpointError, UnsupportedArchitectureError
+from shortgpt_deploy.cli import app
+from shortgpt_deploy.errors import CheckpointError, RecipeError, UnsupportedArchitectureError
 from shortgpt_deploy.gen import GenSpec, continuation_logprobs, read_gen_config, write_gen_checkpoint
 from shortgpt_deploy.modeling import decoder_layers, load_model
+from shortgpt_deploy.pipeline import build
 from shortgpt_deploy.plan import LayerPlan, make_plan
-from tests.conftest import build_tiny_checkpoint
-from tests.tiny import tiny_tokenizer
+from shortgpt_deploy.recipe import parse_recipe
 
 SKIP = [1, 2, 4]  # Gemma 3 fixture: full, sliding, full attention
 PROMPT_LEN, NEW_TOKENS = 10, 8  # the prompt is longer than the sliding window (4)
@@ -337,3 +341,57 @@ def test_malformed_gen_field_is_named(change: dict[str, Any], message: str) -> N
     config["shortgpt_gen"].update(change)
     with pytest.raises(CheckpointError, match=message):
         read_gen_config(config)
+
+
+# ----------------------------------------------------------------------------------- recipe, CLI and build
+def recipe_data(tmp_path: Path, model: Path, **prune: Any) -> dict[str, Any]:
+    (tmp_path / "calib.txt").write_text(" ".join(WORDS * 20))
+    return {
+        "model": {"path": str(model)},
+        "calibration": {"files": [str(tmp_path / "calib.txt")], "samples": 2, "seq_len": 16},
+        "prune": {"layers": [1, 2], **prune},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def test_recipe_mode(tmp_path: Path) -> None:
+    assert parse_recipe(recipe_data(tmp_path, tmp_path)).prune.mode == "delete"
+    spec = parse_recipe(recipe_data(tmp_path, tmp_path, mode="gen", rotate_skipped_keys=False)).prune
+    assert (spec.mode, spec.rotate_skipped_keys) == ("gen", False)
+    with pytest.raises(RecipeError, match="prune.mode: Input should be 'delete' or 'gen'"):
+        parse_recipe(recipe_data(tmp_path, tmp_path, mode="gem"))
+    with pytest.raises(RecipeError, match="prune.rotate_skiped_keys: unknown field"):
+        parse_recipe(recipe_data(tmp_path, tmp_path, mode="gen", rotate_skiped_keys=False))
+    with pytest.raises(RecipeError, match="rotate_skipped_keys only applies to mode: gen"):
+        parse_recipe(recipe_data(tmp_path, tmp_path, rotate_skipped_keys=False))
+    data = recipe_data(tmp_path, tmp_path, mode="gen")
+    data["eval"] = {}
+    data["quantize"] = {"variants": ["dense", "pruned"]}
+    with pytest.raises(RecipeError, match="quantize.variants: pruned, eval cannot use yet"):
+        parse_recipe(data)
+
+
+def test_prune_command_mode_gen(tmp_path: Path) -> None:
+    dense = dense_folder("llama", tmp_path / "dense")
+    runner = CliRunner()
+    result = runner.invoke(app, ["prune", str(dense), "--out", str(tmp_path / "gen"), "--layers", "1,3", "--mode",
+                                 "gen", "--no-rotate-skipped-keys", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_gen_config(tmp_path / "gen") == GenSpec((1, 3), False, "LlamaForCausalLM")
+    phi = dense_folder("phi3", tmp_path / "phi3")
+    result = runner.invoke(app, ["prune", str(phi), "--out", str(tmp_path / "x"), "--layers", "1", "--mode", "gen",
+                                 "--dry-run"])  # fmt: skip
+    assert result.exit_code == 2 and "supported: LlamaForCausalLM" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_mode_gen_writes_gen_folder(tmp_path: Path) -> None:
+    dense = dense_folder("llama", tmp_path / "dense")
+    data = recipe_data(tmp_path, dense, mode="gen")
+    result = build(parse_recipe(data), recipe_text=json.dumps(data), progress=False)
+    run = tmp_path / "run"
+    assert result.pruned_dir == run / "gen" and not (run / "pruned").exists()
+    assert read_gen_config(run / "gen") == GenSpec((1, 2), True, "LlamaForCausalLM")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["variants"]["gen"] == "gen" and manifest["stages"]["prune"] == "complete"
+    assert LayerPlan.load(run / "plan.json") == LayerPlan.load(run / "gen" / "shortgpt_plan.json")
