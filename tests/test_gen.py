@@ -249,6 +249,24 @@ def test_generate_matches_slow_reference(tmp_path: Path, family: str, rotate: bo
     torch.testing.assert_close(lp, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_left_padded_batch_generates_as_each_prompt_alone(tmp_path: Path, family: str) -> None:
+    model, _ = load_model(gen_folder(dense_folder(family, tmp_path / "dense"), tmp_path / "gen", SKIP))
+    long, short = prompt_ids(PROMPT_LEN)[0], prompt_ids(PROMPT_LEN - 3)[0].flip(0)
+    ids = torch.zeros(2, PROMPT_LEN, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0], ids[1, 3:], mask[0], mask[1, 3:] = long, short, 1, 1  # the pad positions' K/V are masked out
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+    for row, prompt in enumerate((long, short)):
+        tokens, logits = greedy(model, prompt[None])
+        assert out.sequences[row, PROMPT_LEN:].tolist() == tokens
+        torch.testing.assert_close(torch.stack(out.logits)[:, row], logits, atol=TOL, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ the written folder
 def test_folder_contract_links_weights_and_saves_plan(tmp_path: Path) -> None:
     dense = dense_folder("llama", tmp_path / "dense", max_shard_size="20KB")  # sharded: an index too
