@@ -395,6 +395,7 @@ def test_prune_command_mode_gen(tmp_path: Path) -> None:
     result = runner.invoke(app, ["prune", str(dense), "--out", str(tmp_path / "gen"), "--layers", "1,3", "--mode",
                                  "gen", "--no-rotate-skipped-keys", "--no-progress"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "gen: nothing is deleted" in result.output
     assert read_gen_config(tmp_path / "gen") == GenSpec((1, 3), False, "LlamaForCausalLM")
     phi = dense_folder("phi3", tmp_path / "phi3")
     result = runner.invoke(app, ["prune", str(phi), "--out", str(tmp_path / "x"), "--layers", "1", "--mode", "gen",
