@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """ShortGPT-gen (issue 11) against deletion on an offline model: the same BI plan, scored as generation sees it.
 
-Scores the model by BI on *Emma* (`--samples` × `--seq-len`), plans `--ratio` of its layers (first and last
-protected), and compares dense, pruned (the layers deleted, in memory) and the gen rule with rotated and unrotated
-skipped keys (gen folders written to a temporary folder and loaded by our loader) on `--spans` spans of
-*Persuasion*: each a `--prompt-len`-token prompt and the next `--cont-len` tokens. Per variant: the perplexity of
-the continuation given the prompt (prompt in one forward, then one decoding step per token:
-gen.continuation_logprobs), the share of greedy tokens (`--cont-len` per prompt) equal to the dense model's, and
-the median wall time of one prompt forward of `--prefill-len` tokens (3 repeats). `--json OUT` keeps every number.
+Scores the model by BI on *Emma* (`--samples` x `--seq-len`) and plans `--ratio` of its layers (first and
+last protected), or takes `--layers`. Compares dense, pruned (those layers deleted, in memory) and the gen rule
+with rotated and unrotated skipped keys (gen folders in a temporary folder, loaded by our loader) on `--spans`
+spans of *Persuasion*, each a `--prompt-len`-token prompt and the next `--cont-len` tokens. Per variant: the
+perplexity of the continuation given the prompt (prompt in one forward, then one decoding step per token:
+gen.continuation_logprobs), the share of greedy tokens (`--cont-len` per prompt) equal to the dense model's,
+and the median wall time of one prompt forward of `--prefill-len` tokens (3 repeats). `--json OUT` keeps all.
 
-Usage: PYTHONPATH=. .venv/bin/python benchmarks/gen_compare.py [--model offline:gemma3-270m] [--json OUT]
+Usage: PYTHONPATH=. .venv/bin/python benchmarks/gen_compare.py [--model offline:gemma3-270m] [--layers 3,12,...]
+    [--spans 16 --prompt-len 128 --cont-len 32] [--json OUT]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shortgpt_deploy.evaluate import greedy_continuations, heldout_token_ids
 from shortgpt_deploy.gen import continuation_logprobs, write_gen_checkpoint
 from shortgpt_deploy.importance import score_layers
 from shortgpt_deploy.manifest import git_revision, machine, package_versions
-from shortgpt_deploy.modeling import layers_removed, load_model, resolve_checkpoint, tokenizer_adds_bos
+from shortgpt_deploy.modeling import decoder_layers, layers_removed, load_model, resolve_checkpoint, tokenizer_adds_bos
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.recipe import CalibrationSpec
 
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="offline:smollm2-135m-instruct")
     ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--layers", default=None, help="comma list: this plan instead of scoring (e.g. the README's)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--spans", type=int, default=16)
@@ -61,18 +63,25 @@ def measure(model: Any, spans: list[tuple[list[int], list[int]]], prefill: list[
             start = time.perf_counter()
             model(torch.tensor([prefill]), use_cache=True)
             times.append(time.perf_counter() - start)
-    return {"continuation_ppl": math.exp(nll / tokens), "greedy": greedy, "prefill_s": statistics.median(times)}
+    result = {"continuation_ppl": math.exp(nll / tokens), "greedy": greedy, "prefill_s": statistics.median(times)}
+    print(f"  continuation ppl {result['continuation_ppl']:.2f}, prefill {result['prefill_s']:.3f} s", flush=True)
+    return result
 
 
 def main() -> None:
     args = parse_args()
     checkpoint = resolve_checkpoint(args.model)
     model, tokenizer = load_model(checkpoint.path)
-    add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
-    calib = CalibrationSpec(offline="austen:emma", samples=args.samples, seq_len=args.seq_len)
-    batches = build_calibration(load_documents(calib), tokenizer, calib, add_bos=add_bos, source=calib.source)
-    scores = score_layers(model, batches, metric="bi")
-    plan = make_plan(num_layers=scores.num_layers, scores=scores, ratio=args.ratio, protect=[0, -1])
+    if args.layers:
+        layers = [int(x) for x in args.layers.split(",")]
+        plan = make_plan(num_layers=len(decoder_layers(model)), layers=layers, protect=[0, -1])
+    else:
+        add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
+        calib = CalibrationSpec(offline="austen:emma", samples=args.samples, seq_len=args.seq_len)
+        batches = build_calibration(load_documents(calib), tokenizer, calib, add_bos=add_bos, source=calib.source)
+        scores = score_layers(model, batches, metric="bi")
+        plan = make_plan(num_layers=scores.num_layers, scores=scores, ratio=args.ratio, protect=[0, -1])
+    print(plan.summary(), flush=True)
     ids = heldout_token_ids(tokenizer, "austen:persuasion", max_tokens=200_000, add_bos=False)
     span_len = args.prompt_len + args.cont_len
     step = (len(ids) - span_len) // args.spans
