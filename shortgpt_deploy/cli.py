@@ -170,12 +170,24 @@ def prune(
     n_remove: Annotated[int | None, typer.Option(help="With --scores: how many layers to remove.")] = None,
     ratio: Annotated[float | None, typer.Option(help="With --scores: fraction of layers to remove.")] = None,
     protect: Annotated[str, typer.Option(help="Layers never removed; negative counts from the end.")] = "0,-1",
+    mode: Annotated[
+        str, typer.Option(help="delete: remove the layers; gen: ShortGPT-gen, they only skip the prompt.")
+    ] = "delete",
+    rotate_skipped_keys: Annotated[
+        bool,
+        typer.Option(
+            "--rotate-skipped-keys/--no-rotate-skipped-keys",
+            help="gen: cache skipped layers' prompt keys rotated (default) or unrotated (the authors' code).",
+        ),
+    ] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Remove layers from a checkpoint: tensors renumbered, config sliced, tokenizer and card written."""
+    """Remove layers from a checkpoint: tensors renumbered, config sliced, tokenizer and card written. With
+    --mode gen nothing is removed: the folder links the dense weights and its config names the layers that skip
+    the prompt (ShortGPT-gen)."""
     _setup_logging(verbose)
     from .importance import LayerScores
     from .pipeline import prune_model
@@ -195,6 +207,9 @@ def prune(
             ratio=ratio,
             layers=_ints(layers, "--layers"),
             protect=_ints(protect, "--protect") or [],
+            mode=mode,  # type: ignore[arg-type]
+            # given only where it means something, so that --no-rotate-skipped-keys without gen is refused
+            **({"rotate_skipped_keys": rotate_skipped_keys} if mode == "gen" or not rotate_skipped_keys else {}),
         )
     )
     with third_party_output(_cache_log("prune") if dry_run else out_dir.with_name(out_dir.name + ".log")):
@@ -208,6 +223,8 @@ def prune(
             progress=not no_progress,
         )
     out.print(plan.summary())
+    if spec.mode == "gen":
+        out.print(f"  gen: nothing is deleted; layers {sorted(plan.remove)} skip the prompt and run when decoding")
     for i in plan.remove:
         out.print(f"  layer {i}: {plan.reasons[i]}")
     if dry_run:

@@ -213,6 +213,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A checkpoint folder as a transformers model in eval mode, and its tokenizer.
 
+    A ShortGPT-gen folder (gen.py) loads as its dense model with the gen rule applied to its skipped layers.
+
     A GPTQ folder is loaded by GPTQModel and dequantized into float Linear layers (see `_load_gptq_dequantized`).
     """
     import torch
@@ -234,6 +236,13 @@ def load_model(
         raise ModelLoadError(f"transformers could not load {folder}: {err}") from None
     model.eval()
     decoder_layers(model)  # fail early, before calibration, on an architecture we cannot score
+    # A ShortGPT-gen folder holds the dense weights; the rule (skip the prompt in some layers) lives in code.
+    # Imported here, not at the top: gen is a later stage, and only its folders need it.
+    from .gen import apply_gen, read_gen_config
+
+    gen = read_gen_config(Path(folder))
+    if gen is not None:
+        apply_gen(model, gen)
     return model, tokenizer
 
 

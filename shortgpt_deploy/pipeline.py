@@ -23,6 +23,7 @@ from .calibration import build_calibration, check_text_files, load_documents
 from .checkpoint import output_transaction
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
+from .gen import GEN_FIELD, check_gen_source, write_gen_checkpoint
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
 from .modeling import Checkpoint, cache_dir, decide_add_bos, load_model, resolve_checkpoint, source_add_bos
@@ -232,8 +233,16 @@ def prune_model(
         protect=prune.protect,
     )
     logger.info("plan: %s", plan.summary())
+    if prune.mode == "gen":
+        check_gen_source(checkpoint.path)  # also in a dry run
     if dry_run:
         return plan, []
+    if prune.mode == "gen":
+        spec = write_gen_checkpoint(
+            checkpoint.path, plan, out_dir=out_dir, rotate_skipped_keys=prune.rotate_skipped_keys, force=force,
+            base_model=checkpoint.source,
+        )  # fmt: skip
+        return plan, [f"{GEN_FIELD}: {json.dumps(spec.to_dict())} (weights linked, no layer deleted)"]
     notes = prune_checkpoint(
         checkpoint.path, plan, out_dir=out_dir, base_model=checkpoint.source, force=force, progress=progress
     )
@@ -332,6 +341,8 @@ def preflight(recipe: Recipe, *, dry_run: bool = False) -> QuantizeChoice | None
         num_layers=read_config_layers(checkpoint.path), n_remove=p.n_remove, ratio=p.ratio, layers=p.layers,
         protect=p.protect, metric=p.metric,
     )  # fmt: skip
+    if p.mode == "gen":
+        check_gen_source(checkpoint.path)
     if p.plot and _is_quantized(checkpoint.path):
         raise PlanError(
             f"prune.plot: {checkpoint.path} is quantized and cannot be scored here; drop plot: true (explicit "
@@ -437,20 +448,27 @@ def score_and_prune(
             plot_scores(scores, plan, tmp / "bi.png", title=f"{checkpoint.source}: {scores.metric} per layer")
         pruned = None
         if not dry_run:
+            variant = "gen" if p.mode == "gen" else "pruned"
             with manifest.timed("surgery"):
-                prune_checkpoint(
-                    checkpoint.path,
-                    plan,
-                    out_dir=tmp / "pruned",
-                    base_model=checkpoint.source,
-                    recipe_text=recipe_text,
-                    progress=progress,
-                )
-            pruned = run_dir / "pruned"
-            manifest.variants = {"dense": str(checkpoint.path), "pruned": "pruned"}
+                if p.mode == "gen":  # the same plan; nothing deleted (gen.py)
+                    write_gen_checkpoint(
+                        checkpoint.path, plan, out_dir=tmp / variant, rotate_skipped_keys=p.rotate_skipped_keys,
+                        base_model=checkpoint.source,
+                    )  # fmt: skip
+                else:
+                    prune_checkpoint(
+                        checkpoint.path,
+                        plan,
+                        out_dir=tmp / variant,
+                        base_model=checkpoint.source,
+                        recipe_text=recipe_text,
+                        progress=progress,
+                    )
+            pruned = run_dir / variant
+            manifest.variants = {"dense": str(checkpoint.path), variant: variant}
             manifest.stages["prune"] = "complete"
             if checkpoint.notice:
-                (tmp / "pruned" / "NOTICE").write_text(checkpoint.notice + "\n")
+                (tmp / variant / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
         manifest.save(tmp / "manifest.json")
     return BuildResult(run_dir, scores, plan, pruned, manifest)

@@ -173,6 +173,16 @@ class PruneSpec(_Section):
         description="With explicit layers: score the model anyway, for scores.json and the plot bi.png (the other "
         "amounts always score and plot).",
     )
+    mode: Literal["delete", "gen"] = Field(
+        default="delete",
+        description="delete: remove the layers (pruned/); gen: ShortGPT-gen, keep every layer, the chosen ones skip "
+        "the prompt but cache its K/V and run for generated tokens (gen/, see gen.py).",
+    )
+    rotate_skipped_keys: bool = Field(
+        default=True,
+        description="gen: cache the skipped layers' prompt keys with rotary applied (false: unrotated, as the "
+        "authors' code does).",
+    )
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneSpec:
@@ -194,6 +204,8 @@ class PruneSpec(_Section):
             )
         if self.iterative and self.metric == "angular":
             raise ValueError("angular already removes one contiguous block; use iterative with bi instead")
+        if "rotate_skipped_keys" in self.model_fields_set and self.mode != "gen":
+            raise ValueError("rotate_skipped_keys only applies to mode: gen")
         return self
 
 
@@ -396,6 +408,8 @@ class Recipe(_Section):
                 f"bench variant(s) {', '.join(missing)} need a quantize section that quantizes "
                 f"{', '.join(v.removesuffix(QUANTIZED_SUFFIX) for v in missing)}"
             )
+        if self.prune.mode == "gen":
+            self._gen_fits()
         if self.repair is None:
             wanted = [*(self.quantize.variants if self.quantize else []), *(self.bench.variants if self.bench else [])]
             if any(v.startswith("repaired") for v in wanted):
@@ -407,6 +421,20 @@ class Recipe(_Section):
                     "austen:persuasion"
                 )
         return self
+
+    def _gen_fits(self) -> None:
+        """prune.mode gen writes gen/ instead of pruned/: the stages that take a pruned checkpoint have none."""
+        wanted = [
+            *(["repair"] if self.repair else []),
+            *(f"quantize.variants: {v}" for v in (self.quantize.variants if self.quantize else []) if v != "dense"),
+            *(["eval"] if self.eval else []),
+            *(f"bench.variants: {v}" for v in (self.bench.variants if self.bench else []) if not v.startswith("dense")),
+        ]
+        if wanted:
+            raise ValueError(
+                f"prune.mode gen writes gen/ (no layer deleted), which {', '.join(wanted)} cannot use yet: drop "
+                "them, or build with mode: delete"
+            )
 
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
