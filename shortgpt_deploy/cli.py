@@ -223,7 +223,7 @@ def prune(
             progress=not no_progress,
         )
     out.print(plan.summary())
-    if spec.mode == "gen":
+    if spec.mode == ("gen",):
         out.print(f"  gen: nothing is deleted; layers {sorted(plan.remove)} skip the prompt and run when decoding")
     for i in plan.remove:
         out.print(f"  layer {i}: {plan.reasons[i]}")

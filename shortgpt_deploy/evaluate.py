@@ -103,6 +103,70 @@ def perplexity(
     return Perplexity(math.exp(mean), mean, count, context_len, stride, text)
 
 
+@dataclass(frozen=True)
+class PromptedPerplexity:
+    perplexity: float
+    mean_nll: float
+    tokens: int  # scored tokens
+    spans: int
+    prompt_len: int
+    scored_len: int
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_gen(model: PreTrainedModel) -> bool:
+    """A ShortGPT-gen model (gen.py): a forward over more than one token skips its planned layers."""
+    from .gen import read_gen_config
+
+    return read_gen_config(model.config) is not None
+
+
+def prompted_perplexity(
+    model: PreTrainedModel,
+    token_ids: list[int],
+    *,
+    prompt_len: int = 224,
+    scored_len: int = 32,
+    text: str = "",
+    progress: bool = True,
+) -> PromptedPerplexity:
+    """exp(mean −log p(token | its span's prompt and the scored tokens before it)) over consecutive spans of
+    `prompt_len` prompt tokens followed by `scored_len` scored ones: perplexity as generation sees it.
+
+    A ShortGPT-gen model reads each prompt in one forward (its planned layers skipping) and each scored token in
+    one decoding step (gen.continuation_logprobs); any other model gets one forward per span, which computes the
+    same numbers. So every variant of a run is scored on the same tokens under the same protocol, and the plain
+    `perplexity` (one forward per window, which a gen model would skip through) is not needed for gen.
+    """
+    from .gen import continuation_logprobs
+    from .runtime import tqdm
+
+    if prompt_len < 1 or scored_len < 1:
+        raise EvalError(f"prompted perplexity needs prompt_len and scored_len ≥ 1, got {prompt_len}, {scored_len}")
+    span = prompt_len + scored_len
+    if len(token_ids) < span:
+        raise EvalError(f"held-out text has {len(token_ids)} tokens; one prompted span needs {span}")
+    starts = range(0, len(token_ids) - span + 1, span)
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    device = next(model.parameters()).device
+    gen, nll_sum = is_gen(model), 0.0
+    with torch.inference_mode():
+        for begin in tqdm(starts, desc="prompted perplexity", unit="span", disable=not progress):
+            window = ids[begin : begin + span].to(device)
+            if gen:
+                logp = continuation_logprobs(model, window[:prompt_len], window[prompt_len:])
+            else:
+                logits = model(window[None, :-1], use_cache=False).logits[0, prompt_len - 1 :].float()
+                logp = torch.log_softmax(logits, dim=-1).gather(1, window[prompt_len:, None]).squeeze(1)
+            nll_sum -= float(logp.double().sum())
+    tokens = len(starts) * scored_len
+    mean = nll_sum / tokens
+    return PromptedPerplexity(math.exp(mean), mean, tokens, len(starts), prompt_len, scored_len, text)
+
+
 def evaluate_perplexity(
     model_dir: Path,
     *,
@@ -205,19 +269,27 @@ def evaluate_variants(
     shots: int | None = None,
     batch_size: int = 8,
     generation_probe: bool = False,
+    prompt_len: int = 224,
+    scored_len: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of every model, greedy agreement of each `variant` with `references[variant]`, and accuracy on
     the multiple-choice `tasks` (first `limit` items each) with the paper's retention: average ÷ dense × 100.
 
     Models are loaded one at a time (GPTQ folders dequantized, see modeling.load_model) in `dtype`. Returns the
-    content of eval.json: settings, {"perplexity": {name: ...}, "agreement": [...]}.
+    content of eval.json: settings, {"perplexity": {name: ...}, "agreement": [...]}. When one of the models is a
+    ShortGPT-gen folder, every model also gets `prompted_perplexity` (prompt_len + scored_len spans, the protocol
+    a gen model needs), and the gen model gets no plain `perplexity`: a forward over whole windows would skip its
+    layers for every token and measure the pruned model instead.
     """
+    from .gen import read_gen_config
     from .modeling import decide_add_bos, load_model
     from .tasks import load_task
 
     loaded = [load_task(t, limit=limit, shots=shots) for t in tasks]  # missing data fails before any model loads
+    gen_names = {n for n, f in models.items() if read_gen_config(Path(f)) is not None}
     ppl: dict[str, dict[str, Any]] = {}
+    prompted: dict[str, dict[str, Any]] = {}
     greedy: dict[str, list[list[int]]] = {}
     accuracy: dict[str, dict[str, Any]] = {}
     for name, folder in models.items():
@@ -225,9 +297,14 @@ def evaluate_variants(
         model, tokenizer = load_model(Path(folder), dtype=dtype)
         bos = decide_add_bos(tokenizer, requested=add_bos)
         ids = heldout_token_ids(tokenizer, text, max_tokens=max_tokens, add_bos=bos)
-        ppl[name] = perplexity(
-            model, ids, context_len=context_len, stride=stride, text=text, progress=progress
-        ).to_dict()
+        if name not in gen_names:
+            ppl[name] = perplexity(
+                model, ids, context_len=context_len, stride=stride, text=text, progress=progress
+            ).to_dict()
+        if gen_names:
+            prompted[name] = prompted_perplexity(
+                model, ids, prompt_len=prompt_len, scored_len=scored_len, text=text, progress=progress
+            ).to_dict()
         if greedy_prompts:
             prompts = prompt_spans(ids, n_prompts=greedy_prompts, bos=tokenizer.bos_token_id if bos else None)
             greedy[name] = greedy_continuations(model, prompts, new_tokens=greedy_tokens)
@@ -240,6 +317,8 @@ def evaluate_variants(
     settings = {"text": text, "context_len": context_len, "stride": stride, "max_tokens": max_tokens}
     settings |= {"greedy_prompts": greedy_prompts, "greedy_tokens": greedy_tokens, "dtype": dtype}
     out = {**settings, "perplexity": ppl, "agreement": agreements, "greedy_tokens_by_variant": greedy}
+    if prompted:
+        out |= {"prompted_perplexity": prompted, "gen_variants": sorted(gen_names)}
     if generation_probe and greedy and "dense" in models:  # one tokenizer: every variant had the same prompts
         out["generation"] = generation_probe_scores(models["dense"], prompts, greedy, dtype=dtype)
     if loaded:
@@ -335,6 +414,8 @@ def continuation_loglikelihoods(
     if batch_size < 1:
         raise EvalError(f"batch size must be at least 1, got {batch_size}")
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    if is_gen(model):  # one forward over context + continuation would skip the planned layers for every token
+        return _gen_loglikelihoods(model, requests, max_len=max_len, progress=progress, desc=desc)
     rows: dict[tuple[int, ...], list[int]] = {}  # input ids → the requests that read them
     for i, (ctx, cont) in enumerate(requests):
         rows.setdefault(tuple((ctx + cont)[-(max_len + 1) : -1]), []).append(i)
@@ -364,6 +445,22 @@ def continuation_loglikelihoods(
                     cont = requests[i][1]
                     cols = [column[len(row) - len(cont) + j] for j in range(len(cont))]
                     out[i] = float(logp[b, cols, cont].double().sum())
+    return out
+
+
+def _gen_loglikelihoods(
+    model: PreTrainedModel, requests: list[tuple[list[int], list[int]]], *, max_len: int, progress: bool, desc: str
+) -> list[float]:
+    """continuation_loglikelihoods for a ShortGPT-gen model, as generation would score each choice: the context
+    as the prompt (one skipping forward), then one decoding step per continuation token. One request at a time."""
+    from .gen import continuation_logprobs
+    from .runtime import tqdm
+
+    out = []
+    for ctx, cont in tqdm(requests, desc=desc, unit="request", disable=not progress):
+        ctx = ctx[-max(max_len - len(cont), 1) :]
+        logp = continuation_logprobs(model, torch.tensor(ctx), torch.tensor(cont))
+        out.append(float(logp.double().sum()))
     return out
 
 

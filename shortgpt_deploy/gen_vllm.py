@@ -17,64 +17,38 @@ with "module:Class" strings lets vLLM import the classes only where a gen checkp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError
+from .gen import ARCH_PREFIX, GEN_FIELD, GenSpec, read_gen_config
 
 logger = logging.getLogger(__name__)
 
-GEN_PREFIX = "ShortGPTGen"
-GEN_FORMAT = 1
 # Original architecture -> the class in gen_vllm_models that serves its gen checkpoints. Text-only: these are the
 # families of the two offline models (SmolLM2 = Llama, Gemma-3-270m = Gemma3ForCausalLM).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM")
 MODELS_MODULE = "shortgpt_deploy.gen_vllm_models"
 
 
-@dataclass(frozen=True)
-class GenSpec:
-    """The `shortgpt_gen` section of a gen checkpoint's config, validated."""
-
-    skip_prefill_layers: tuple[int, ...]
-    rotate_skipped_keys: bool
-    architecture: str
-
-
 def gen_architecture(architecture: str) -> str:
-    return GEN_PREFIX + architecture
+    return ARCH_PREFIX + architecture
 
 
-def read_gen_spec(config: Any, *, architecture: str, num_layers: int) -> GenSpec:
-    """The gen section of `config` (a transformers config object or a config.json dict), checked against the
-    architecture being loaded and the model's layer count; CheckpointError naming the fix otherwise."""
-    section = config.get("shortgpt_gen") if isinstance(config, dict) else getattr(config, "shortgpt_gen", None)
-    fix = "rewrite the checkpoint with shortgpt-deploy's gen writer"
-    if not isinstance(section, dict):
-        raise CheckpointError(f"config.json of a {gen_architecture(architecture)} checkpoint has no shortgpt_gen "
-                              f"section; {fix}")  # fmt: skip
-    if section.get("format") != GEN_FORMAT:
+def served_gen_spec(config: Any, *, architecture: str) -> GenSpec:
+    """The gen field of the config vLLM loads (gen.read_gen_config checks it), which must exist and name the
+    `architecture` this class serves; CheckpointError naming the fix otherwise."""
+    spec = read_gen_config(config)
+    if spec is None:
         raise CheckpointError(
-            f"shortgpt_gen format {section.get('format')!r} is not supported (this version reads format "
-            f"{GEN_FORMAT}); {fix}, or upgrade shortgpt-deploy"
+            f"config.json of a {gen_architecture(architecture)} checkpoint has no {GEN_FIELD} field; rewrite the "
+            "checkpoint with `shortgpt-deploy prune --mode gen`"
         )
-    if section.get("architecture") != architecture:
+    if spec.architecture != architecture:
         raise CheckpointError(
-            f"shortgpt_gen.architecture is {section.get('architecture')!r} but the checkpoint is served as "
-            f"{gen_architecture(architecture)}; make config.json's architectures and shortgpt_gen agree"
+            f"{GEN_FIELD}.architecture is {spec.architecture!r} but the checkpoint is served as "
+            f"{gen_architecture(architecture)}; make config.json's architectures and {GEN_FIELD} agree"
         )
-    layers = section.get("skip_prefill_layers")
-    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise CheckpointError(f"shortgpt_gen.skip_prefill_layers must be a list of layer indices, got {layers!r}")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or len(set(layers)) != len(layers):
-        raise CheckpointError(
-            f"shortgpt_gen.skip_prefill_layers {layers} must be distinct indices in 0..{num_layers - 1}; {fix}"
-        )
-    rotate = section.get("rotate_skipped_keys", True)
-    if not isinstance(rotate, bool):
-        raise CheckpointError(f"shortgpt_gen.rotate_skipped_keys must be true or false, got {rotate!r}")
-    return GenSpec(tuple(sorted(layers)), rotate, architecture)
+    return spec
 
 
 def register() -> None:

@@ -38,7 +38,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from .errors import ModelLoadError
-from .gen_vllm import GenSpec, gen_architecture, read_gen_spec
+from .gen_vllm import GenSpec, gen_architecture, served_gen_spec
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +251,7 @@ def _gen_spec(vllm_config: Any, architecture: str) -> GenSpec:
             "layer), and cached blocks of generated text hold K/V from every layer, so repeated prompts can "
             "answer differently from fresh ones; start vLLM with --no-enable-prefix-caching for the gen rule exactly"
         )
-    config = vllm_config.model_config.hf_config
-    return read_gen_spec(config, architecture=architecture, num_layers=config.num_hidden_layers)
+    return served_gen_spec(vllm_config.model_config.hf_config, architecture=architecture)
 
 
 class ShortGPTGenLlamaForCausalLM(LlamaForCausalLM):

@@ -29,7 +29,7 @@ from .manifest import Manifest
 from .modeling import Checkpoint, cache_dir, decide_add_bos, load_model, resolve_checkpoint, source_add_bos
 from .plan import LayerPlan, check_amount, check_request, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
-from .recipe import GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
+from .recipe import GEN_VARIANT, GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
 from .runtime import third_party_output
 from .stages import LATER_STAGES, STAGE_FUNCTIONS
@@ -233,11 +233,13 @@ def prune_model(
         protect=prune.protect,
     )
     logger.info("plan: %s", plan.summary())
-    if prune.mode == "gen":
+    if len(prune.mode) != 1:
+        raise PlanError("prune writes one folder: give --mode delete or --mode gen (a build can write both)")
+    if prune.mode == ("gen",):
         check_gen_source(checkpoint.path)  # also in a dry run
     if dry_run:
         return plan, []
-    if prune.mode == "gen":
+    if prune.mode == ("gen",):
         spec = write_gen_checkpoint(
             checkpoint.path, plan, out_dir=out_dir, rotate_skipped_keys=prune.rotate_skipped_keys, force=force,
             base_model=checkpoint.source,
@@ -341,7 +343,7 @@ def preflight(recipe: Recipe, *, dry_run: bool = False) -> QuantizeChoice | None
         num_layers=read_config_layers(checkpoint.path), n_remove=p.n_remove, ratio=p.ratio, layers=p.layers,
         protect=p.protect, metric=p.metric,
     )  # fmt: skip
-    if p.mode == "gen":
+    if "gen" in p.mode:
         check_gen_source(checkpoint.path)
     if p.plot and _is_quantized(checkpoint.path):
         raise PlanError(
@@ -448,27 +450,30 @@ def score_and_prune(
             plot_scores(scores, plan, tmp / "bi.png", title=f"{checkpoint.source}: {scores.metric} per layer")
         pruned = None
         if not dry_run:
-            variant = "gen" if p.mode == "gen" else "pruned"
-            with manifest.timed("surgery"):
-                if p.mode == "gen":  # the same plan; nothing deleted (gen.py)
-                    write_gen_checkpoint(
-                        checkpoint.path, plan, out_dir=tmp / variant, rotate_skipped_keys=p.rotate_skipped_keys,
-                        base_model=checkpoint.source,
-                    )  # fmt: skip
-                else:
+            manifest.variants = {"dense": str(checkpoint.path)}
+            if "delete" in p.mode:
+                with manifest.timed("surgery"):
                     prune_checkpoint(
                         checkpoint.path,
                         plan,
-                        out_dir=tmp / variant,
+                        out_dir=tmp / "pruned",
                         base_model=checkpoint.source,
                         recipe_text=recipe_text,
                         progress=progress,
                     )
-            pruned = run_dir / variant
-            manifest.variants = {"dense": str(checkpoint.path), variant: variant}
+                manifest.variants["pruned"] = "pruned"
+            if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
+                with manifest.timed("gen"):
+                    write_gen_checkpoint(
+                        checkpoint.path, plan, out_dir=tmp / GEN_VARIANT, rotate_skipped_keys=p.rotate_skipped_keys,
+                        base_model=checkpoint.source,
+                    )  # fmt: skip
+                manifest.variants[GEN_VARIANT] = GEN_VARIANT
+            pruned = run_dir / ("pruned" if "delete" in p.mode else GEN_VARIANT)
             manifest.stages["prune"] = "complete"
             if checkpoint.notice:
-                (tmp / variant / "NOTICE").write_text(checkpoint.notice + "\n")
+                for name in manifest.variants.keys() - {"dense"}:
+                    (tmp / name / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
         manifest.save(tmp / "manifest.json")
     return BuildResult(run_dir, scores, plan, pruned, manifest)

@@ -156,6 +156,9 @@ class BudgetSpec(_Section):
         return "perplexity" if self.max_ppl_increase_pct is not None else "retention"
 
 
+PruneMode = Literal["delete", "gen"]  # delete: pruned/ (layers removed); gen: gen/ (ShortGPT-gen, gen.py)
+
+
 class PruneSpec(_Section):
     metric: PruneMetricName = "bi"
     n_remove: int | None = Field(default=None, ge=1)
@@ -173,16 +176,25 @@ class PruneSpec(_Section):
         description="With explicit layers: score the model anyway, for scores.json and the plot bi.png (the other "
         "amounts always score and plot).",
     )
-    mode: Literal["delete", "gen"] = Field(
-        default="delete",
+    mode: tuple[PruneMode, ...] = Field(
+        default=("delete",),
         description="delete: remove the layers (pruned/); gen: ShortGPT-gen, keep every layer, the chosen ones skip "
-        "the prompt but cache its K/V and run for generated tokens (gen/, see gen.py).",
+        "the prompt but cache its K/V and run for generated tokens (gen/, see gen.py); [delete, gen]: both, from "
+        "the same plan.",
     )
     rotate_skipped_keys: bool = Field(
         default=True,
         description="gen: cache the skipped layers' prompt keys with rotary applied (false: unrotated, as the "
         "authors' code does).",
     )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_list(cls, value: Any) -> Any:
+        modes = (value,) if isinstance(value, str) else tuple(value)
+        if not modes or len(set(modes)) != len(modes):
+            raise ValueError("mode: give delete, gen, or [delete, gen] (each once)")
+        return modes
 
     @model_validator(mode="after")
     def _one_amount(self) -> PruneSpec:
@@ -204,7 +216,7 @@ class PruneSpec(_Section):
             )
         if self.iterative and self.metric == "angular":
             raise ValueError("angular already removes one contiguous block; use iterative with bi instead")
-        if "rotate_skipped_keys" in self.model_fields_set and self.mode != "gen":
+        if "rotate_skipped_keys" in self.model_fields_set and "gen" not in self.mode:
             raise ValueError("rotate_skipped_keys only applies to mode: gen")
         return self
 
@@ -216,8 +228,9 @@ class OutputSpec(_Section):
 # The checkpoints a build can produce, by the names used in run folders, eval.json and the benchmark.
 SOURCE_VARIANTS = ("dense", "pruned", "repaired")  # the float checkpoints: the model, it pruned, that repaired
 QUANTIZED_SUFFIX = "-gptq"
-VARIANTS = (*SOURCE_VARIANTS, *(v + QUANTIZED_SUFFIX for v in SOURCE_VARIANTS))
-VariantName = Literal["dense", "pruned", "repaired", "dense-gptq", "pruned-gptq", "repaired-gptq"]
+GEN_VARIANT = "gen"  # ShortGPT-gen: the dense weights, the plan's layers skipping the prompt (gen.py)
+VARIANTS = (*SOURCE_VARIANTS, *(v + QUANTIZED_SUFFIX for v in SOURCE_VARIANTS), GEN_VARIANT)
+VariantName = Literal["dense", "pruned", "repaired", "dense-gptq", "pruned-gptq", "repaired-gptq", "gen"]
 RepairMethod = Literal["linear", "scale", "distill"]
 
 
@@ -317,6 +330,12 @@ class EvalSpec(_Section):
     generation_probe: bool = Field(
         default=False, description="Score the greedy continuations by the dense model's perplexity and repetition."
     )
+    prompt_len: int = Field(
+        default=224, ge=1, description="With a gen variant: prompted perplexity's prompt tokens per span."
+    )
+    scored_len: int = Field(
+        default=32, ge=1, description="With a gen variant: tokens scored after each prompt, one decoding step each."
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -408,8 +427,7 @@ class Recipe(_Section):
                 f"bench variant(s) {', '.join(missing)} need a quantize section that quantizes "
                 f"{', '.join(v.removesuffix(QUANTIZED_SUFFIX) for v in missing)}"
             )
-        if self.prune.mode == "gen":
-            self._gen_fits()
+        self._modes_fit()
         if self.repair is None:
             wanted = [*(self.quantize.variants if self.quantize else []), *(self.bench.variants if self.bench else [])]
             if any(v.startswith("repaired") for v in wanted):
@@ -422,19 +440,23 @@ class Recipe(_Section):
                 )
         return self
 
-    def _gen_fits(self) -> None:
-        """prune.mode gen writes gen/ instead of pruned/: the stages that take a pruned checkpoint have none."""
-        wanted = [
-            *(["repair"] if self.repair else []),
-            *(f"quantize.variants: {v}" for v in (self.quantize.variants if self.quantize else []) if v != "dense"),
-            *(["eval"] if self.eval else []),
-            *(f"bench.variants: {v}" for v in (self.bench.variants if self.bench else []) if not v.startswith("dense")),
-        ]
-        if wanted:
-            raise ValueError(
-                f"prune.mode gen writes gen/ (no layer deleted), which {', '.join(wanted)} cannot use yet: drop "
-                "them, or build with mode: delete"
-            )
+    def _modes_fit(self) -> None:
+        """Each stage needs the checkpoint it works on: pruned/ exists only with mode delete, gen/ only with gen."""
+        q = list(self.quantize.variants) if self.quantize else []
+        b = list(self.bench.variants) if self.bench else []
+        if "delete" not in self.prune.mode:
+            wanted = [
+                *(["repair"] if self.repair else []),
+                *(f"quantize.variants: {v}" for v in q if v != "dense"),
+                *(f"bench.variants: {v}" for v in b if v.startswith(("pruned", "repaired"))),
+            ]
+            if wanted:
+                raise ValueError(
+                    f"prune.mode {list(self.prune.mode)} deletes no layer, so there is no pruned checkpoint for "
+                    f"{', '.join(wanted)}: add delete to prune.mode ([delete, gen]) or drop them"
+                )
+        if GEN_VARIANT in b and "gen" not in self.prune.mode:
+            raise ValueError("bench.variants names gen but prune.mode has no gen: use mode: [delete, gen]")
 
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:

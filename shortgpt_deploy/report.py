@@ -341,6 +341,31 @@ def accuracy_lines(e: dict[str, Any]) -> list[str]:
     ]
 
 
+def gen_section(run: RunFolder, status: dict[str, str]) -> str:
+    """ShortGPT-gen beside the others: prompted perplexity (the only one a gen model has) and greedy agreement."""
+    e = run.evaluation or {}
+    prompted = e.get("prompted_perplexity") or {}
+    if not prompted:
+        return ""
+    first = next(iter(prompted.values()))
+    base = (prompted.get("dense") or {}).get("perplexity")
+    agree = {a["variant"]: a for a in e.get("agreement") or [] if a.get("reference") == "dense"}
+    rows = [
+        [n, f"{r['perplexity']:.3f}", _ratio(r["perplexity"], base),
+         f"{agree[n]['token_match']:.1%}" if n in agree else "–"]
+        for n, r in prompted.items()
+    ]  # fmt: skip
+    gen = ", ".join(e.get("gen_variants") or [])
+    return "\n\n".join([
+        "## ShortGPT-gen",
+        f"{gen}: every weight kept; the plan's layers skip the prompt (still writing its K/V) and run for every "
+        "generated token (gen.py). Its perplexity is measured as generation sees it, and so is everyone's here: "
+        f"{first['spans']} spans of {e.get('text')}, each a {first['prompt_len']}-token prompt then "
+        f"{first['scored_len']} tokens scored one decoding step at a time.",
+        markdown_table(["variant", "prompted perplexity", "÷ dense", "greedy tokens identical to dense"], rows),
+    ])  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- serving
 def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
     """How the pruned model was repaired (repair.json), and what it bought: pruned → repaired, beside dense."""
@@ -483,6 +508,7 @@ def write_report(run_dir: Path) -> Path:
         scores_section(run, status),
         quality_section(run, infos, status),
         repair_section(run, infos, status),
+        gen_section(run, status),
         serving_section(run, status, plots),
         quantization_section(run, infos, status),
         analyses_section(run.path),

@@ -28,6 +28,7 @@ REFERENCES = {
     "dense-gptq": "dense",
     "pruned-gptq": "pruned",
     "repaired-gptq": "repaired",
+    "gen": "dense",
 }
 LATER_STAGES = ("repair", "quantize", "eval", "bench")
 
@@ -116,6 +117,8 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
         limit=e.limit,
         batch_size=e.batch_size,
         generation_probe=e.generation_probe,
+        prompt_len=e.prompt_len,
+        scored_len=e.scored_len,
         progress=progress,
     )
     result["models"] = {n: str(p) for n, p in models.items()}

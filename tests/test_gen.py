@@ -373,19 +373,26 @@ def recipe_data(tmp_path: Path, model: Path, **prune: Any) -> dict[str, Any]:
 
 
 def test_recipe_mode(tmp_path: Path) -> None:
-    assert parse_recipe(recipe_data(tmp_path, tmp_path)).prune.mode == "delete"
+    assert parse_recipe(recipe_data(tmp_path, tmp_path)).prune.mode == ("delete",)
     spec = parse_recipe(recipe_data(tmp_path, tmp_path, mode="gen", rotate_skipped_keys=False)).prune
-    assert (spec.mode, spec.rotate_skipped_keys) == ("gen", False)
-    with pytest.raises(RecipeError, match="prune.mode: Input should be 'delete' or 'gen'"):
+    assert (spec.mode, spec.rotate_skipped_keys) == (("gen",), False)
+    assert parse_recipe(recipe_data(tmp_path, tmp_path, mode=["delete", "gen"])).prune.mode == ("delete", "gen")
+    with pytest.raises(RecipeError, match="each once"):
+        parse_recipe(recipe_data(tmp_path, tmp_path, mode=["gen", "gen"]))
+    with pytest.raises(RecipeError, match="prune.mode.0: Input should be 'delete' or 'gen'"):
         parse_recipe(recipe_data(tmp_path, tmp_path, mode="gem"))
     with pytest.raises(RecipeError, match="prune.rotate_skiped_keys: unknown field"):
         parse_recipe(recipe_data(tmp_path, tmp_path, mode="gen", rotate_skiped_keys=False))
     with pytest.raises(RecipeError, match="rotate_skipped_keys only applies to mode: gen"):
         parse_recipe(recipe_data(tmp_path, tmp_path, rotate_skipped_keys=False))
     data = recipe_data(tmp_path, tmp_path, mode="gen")
-    data["eval"] = {}
+    data["eval"] = {}  # eval knows a gen variant
     data["quantize"] = {"variants": ["dense", "pruned"]}
-    with pytest.raises(RecipeError, match="quantize.variants: pruned, eval cannot use yet"):
+    with pytest.raises(RecipeError, match=r"no pruned checkpoint for quantize.variants: pruned: add delete"):
+        parse_recipe(data)
+    data = recipe_data(tmp_path, tmp_path)
+    data["bench"] = {"variants": ["dense", "gen"]}
+    with pytest.raises(RecipeError, match=r"bench.variants names gen but prune.mode has no gen"):
         parse_recipe(data)
 
 
@@ -414,3 +421,16 @@ def test_build_mode_gen_writes_gen_folder(tmp_path: Path) -> None:
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["variants"]["gen"] == "gen" and manifest["stages"]["prune"] == "complete"
     assert LayerPlan.load(run / "plan.json") == LayerPlan.load(run / "gen" / "shortgpt_plan.json")
+
+
+def test_build_both_modes_writes_pruned_and_gen_from_one_plan(tmp_path: Path) -> None:
+    dense = dense_folder("llama", tmp_path / "dense")
+    data = recipe_data(tmp_path, dense, mode=["delete", "gen"])
+    result = build(parse_recipe(data), recipe_text=json.dumps(data), progress=False)
+    run = tmp_path / "run"
+    assert result.pruned_dir == run / "pruned"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {k: v for k, v in manifest["variants"].items() if k != "dense"} == {"pruned": "pruned", "gen": "gen"}
+    assert json.loads((run / "pruned" / "config.json").read_text())["num_hidden_layers"] == 4
+    assert read_gen_config(run / "gen") == GenSpec((1, 2), True, "LlamaForCausalLM")
+    assert LayerPlan.load(run / "gen" / "shortgpt_plan.json") == LayerPlan.load(run / "plan.json")

@@ -18,35 +18,30 @@ from pathlib import Path
 import pytest
 
 from shortgpt_deploy.errors import CheckpointError
-from shortgpt_deploy.gen_vllm import GenSpec, read_gen_spec
+from shortgpt_deploy.gen import GenSpec
+from shortgpt_deploy.gen_vllm import served_gen_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT = "shortgpt_deploy.gen_vllm:register"
 
 
 def section(**overrides):
-    base = {"format": 1, "skip_prefill_layers": [2, 1], "rotate_skipped_keys": True,
+    base = {"format": 1, "skip_prefill_layers": [1, 2], "rotate_skipped_keys": True,
             "architecture": "LlamaForCausalLM"}  # fmt: skip
-    return {"shortgpt_gen": {**base, **overrides}}
+    return {"architectures": ["ShortGPTGenLlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4,
+            "shortgpt_gen": {**base, **overrides}}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ no engine needed
-def test_gen_spec_is_read_sorted_and_checked():
-    assert read_gen_spec(section(), architecture="LlamaForCausalLM", num_layers=4) == GenSpec(
-        (1, 2), True, "LlamaForCausalLM"
-    )
-    with pytest.raises(CheckpointError, match="no shortgpt_gen section"):
-        read_gen_spec({}, architecture="LlamaForCausalLM", num_layers=4)
-    with pytest.raises(CheckpointError, match="format 2 is not supported.*upgrade"):
-        read_gen_spec(section(format=2), architecture="LlamaForCausalLM", num_layers=4)
+def test_served_gen_spec_needs_the_field_and_the_served_architecture():
+    """The field itself is checked by gen.read_gen_config (tests/test_gen.py); vLLM's side adds two checks."""
+    assert served_gen_spec(section(), architecture="LlamaForCausalLM") == GenSpec((1, 2), True, "LlamaForCausalLM")
+    with pytest.raises(CheckpointError, match="has no shortgpt_gen field.*prune --mode gen"):
+        served_gen_spec({"architectures": ["ShortGPTGenLlamaForCausalLM"]}, architecture="LlamaForCausalLM")
     with pytest.raises(CheckpointError, match="architectures and shortgpt_gen agree"):
-        read_gen_spec(section(), architecture="Gemma3ForCausalLM", num_layers=4)
-    with pytest.raises(CheckpointError, match=r"distinct indices in 0\.\.3"):
-        read_gen_spec(section(skip_prefill_layers=[1, 4]), architecture="LlamaForCausalLM", num_layers=4)
-    with pytest.raises(CheckpointError, match="distinct"):
-        read_gen_spec(section(skip_prefill_layers=[1, 1]), architecture="LlamaForCausalLM", num_layers=4)
-    with pytest.raises(CheckpointError, match="true or false"):
-        read_gen_spec(section(rotate_skipped_keys="no"), architecture="LlamaForCausalLM", num_layers=4)
+        served_gen_spec(section(), architecture="Gemma3ForCausalLM")
+    with pytest.raises(CheckpointError, match="format"):
+        served_gen_spec(section(format=2), architecture="LlamaForCausalLM")
 
 
 def test_entry_point_is_declared_and_registering_imports_nothing_heavy():

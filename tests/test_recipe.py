@@ -105,12 +105,12 @@ def test_iterative_needs_a_forward_metric():
 
 def test_ppl_greedy_is_a_prune_metric_that_is_already_iterative():
     data = base()
-    data["prune"] = {"metric": "ppl_greedy", "n_remove": 3, "protect": [0, 1, -1]}
+    data["prune"] = {"metric": "ppl_greedy", "n_remove": 3, "protect": [0, 1, -1], "mode": data["prune"]["mode"]}
     prune = parse_recipe(data).prune
     assert (prune.metric, prune.iterative, prune.protect) == ("ppl_greedy", False, [0, 1, -1])
-    data["prune"] = {"metric": "ppl_greedy", "budget": {"max_ppl_increase_pct": 20}}
+    data["prune"] = {"metric": "ppl_greedy", "budget": {"max_ppl_increase_pct": 20}, "mode": data["prune"]["mode"]}
     assert parse_recipe(data).prune.budget.max_ppl_increase_pct == 20
-    data["prune"] = {"metric": "ppl_greedy", "n_remove": 3, "iterative": True}
+    data["prune"] = {"metric": "ppl_greedy", "n_remove": 3, "iterative": True, "mode": data["prune"]["mode"]}
     with pytest.raises(RecipeError, match="ppl_greedy already re-evaluates .* removal; drop iterative: true"):
         parse_recipe(data)
 

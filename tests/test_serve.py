@@ -285,3 +285,18 @@ def test_fit_to_model_caps_the_context_at_the_models_own(tmp_path):
     assert fit_to_model(ServeOptions(tmp_path, max_model_len=256)).max_model_len == 256
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))  # no limit stated: left as asked
     assert fit_to_model(ServeOptions(tmp_path, max_model_len=2048)).max_model_len == 2048
+
+
+def test_gen_checkpoint_is_served_without_prefix_caching(tmp_path):
+    """A cached prompt would be recomputed from its last token only, which runs every layer: the gen rule would
+    depend on earlier requests. Off for gen folders, unless extra_args decides."""
+    gen = {"format": 1, "skip_prefill_layers": [1], "rotate_skipped_keys": True, "architecture": "LlamaForCausalLM"}
+    config = {"architectures": ["ShortGPTGenLlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 3}
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "config.json").write_text(json.dumps({**config, "shortgpt_gen": gen}))
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    assert "--no-enable-prefix-caching" in vllm_argv(ServeOptions(model_dir=tmp_path / "gen"))
+    assert "--no-enable-prefix-caching" not in vllm_argv(ServeOptions(model_dir=tmp_path / "dense"))
+    chosen = vllm_argv(ServeOptions(model_dir=tmp_path / "gen", extra_args=("--enable-prefix-caching",)))
+    assert "--no-enable-prefix-caching" not in chosen and "--enable-prefix-caching" in chosen

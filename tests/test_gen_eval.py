@@ -1,0 +1,74 @@
+"""The gen variant in eval and the report: perplexity as generation sees it (prompt skipping, then one decoding
+step per scored token), multiple-choice scoring by the same rule, and the report's ShortGPT-gen section."""
+
+import json
+from pathlib import Path
+
+import torch
+from test_gen import dense_folder, gen_folder
+
+from shortgpt_deploy.evaluate import continuation_loglikelihoods, evaluate_variants, prompted_perplexity
+from shortgpt_deploy.gen import continuation_logprobs
+from shortgpt_deploy.modeling import load_model
+
+IDS = torch.randint(4, 100, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def slow_prompted_nll(model, ids: list[int], prompt_len: int, scored_len: int) -> float:
+    """The protocol by hand: every span through gen.continuation_logprobs (one decoding step per token)."""
+    span, total, n = prompt_len + scored_len, 0.0, 0
+    for begin in range(0, len(ids) - span + 1, span):
+        w = torch.tensor(ids[begin : begin + span])
+        total -= float(continuation_logprobs(model, w[:prompt_len], w[prompt_len:]).double().sum())
+        n += scored_len
+    return total / n
+
+
+def test_prompted_perplexity_is_the_decoding_protocol_for_every_model(tmp_path: Path) -> None:
+    dense, _ = load_model(dense_folder("llama", tmp_path / "dense"))
+    gen, _ = load_model(gen_folder(tmp_path / "dense", tmp_path / "gen", [1, 2]))
+    for model in (dense, gen):  # one forward per span for dense computes what the decoding steps compute
+        got = prompted_perplexity(model, IDS, prompt_len=20, scored_len=8, progress=False)
+        assert got.spans == 4 and got.tokens == 32
+        assert abs(got.mean_nll - slow_prompted_nll(model, IDS, 20, 8)) < 1e-5
+    # the gen model differs from dense (layers skip the prompt) but is not the deleted-layer model either
+    d = prompted_perplexity(dense, IDS, prompt_len=20, scored_len=8, progress=False).mean_nll
+    g = prompted_perplexity(gen, IDS, prompt_len=20, scored_len=8, progress=False).mean_nll
+    assert abs(d - g) > 1e-4
+
+
+def test_gen_multiple_choice_scores_the_continuation_by_decoding(tmp_path: Path) -> None:
+    dense_folder("llama", tmp_path / "dense")
+    gen, _ = load_model(gen_folder(tmp_path / "dense", tmp_path / "gen", [1, 2]))
+    requests = [(IDS[:15], IDS[15:19]), (IDS[:15], IDS[30:33]), (IDS[40:50], IDS[50:51])]
+    got = continuation_loglikelihoods(gen, requests, batch_size=2, progress=False)
+    want = [float(continuation_logprobs(gen, torch.tensor(c), torch.tensor(x)).double().sum()) for c, x in requests]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+    # one forward over context + continuation (what the batched path does) skips for every token: different
+    with torch.inference_mode():
+        ids = torch.tensor([IDS[:19]])
+        logp = torch.log_softmax(gen(ids, use_cache=False).logits[0, 14:18].float(), -1)
+    one_forward = float(logp.gather(1, torch.tensor(IDS[15:19])[:, None]).sum())
+    assert abs(one_forward - got[0]) > 1e-4
+
+
+def test_eval_with_a_gen_variant_and_its_report_section(tmp_path: Path) -> None:
+    from shortgpt_deploy.report import gen_section, load_run
+
+    dense = dense_folder("llama", tmp_path / "dense")
+    gen = gen_folder(dense, tmp_path / "gen", [1, 2])
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(["alpha beta gamma delta epsilon zeta eta theta"] * 60))
+    out = evaluate_variants(
+        {"dense": dense, "gen": gen}, references={"gen": "dense"}, text=str(text), context_len=64, stride=32,
+        max_tokens=400, greedy_prompts=2, greedy_tokens=4, prompt_len=40, scored_len=8, progress=False,
+    )  # fmt: skip
+    assert set(out["perplexity"]) == {"dense"}  # a whole-window forward would measure the pruned model
+    assert set(out["prompted_perplexity"]) == {"dense", "gen"} and out["gen_variants"] == ["gen"]
+    assert out["agreement"][0]["variant"] == "gen"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps(out))
+    (run / "manifest.json").write_text(json.dumps({"variants": {"dense": str(dense), "gen": str(gen)}}))
+    section = gen_section(load_run(run), {})
+    assert "## ShortGPT-gen" in section and "| gen |" in section and "40-token prompt" in section
