@@ -37,7 +37,9 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,7 +235,7 @@ class _SkipPrefill:
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         dense_forward = super().forward  # type: ignore[misc]
-        if hidden_states.shape[1] <= 1:  # a decoding step: the whole layer
+        if hidden_states.shape[1] <= 1 or _DECODING.get():  # a decoding step (or several at once): the whole layer
             return dense_forward(hidden_states, *args, **kwargs)
         bound = inspect.signature(dense_forward).bind(hidden_states, *args, **kwargs).arguments
         if bound.get("past_key_values") is not None:
@@ -259,6 +261,19 @@ def _store_prompt_kv(layer: Any, hidden_states: torch.Tensor, args: dict[str, An
 
 
 _SKIP_CLASSES: dict[type, type] = {}
+# Inside `decoding()`, a forward of several tokens counts as that many decoding steps: every layer runs for all of
+# them. With a KV cache and causal attention, one forward over tokens t..t+k computes what k+1 decoding steps
+# would, so scoring a known continuation needs one forward instead of one per token.
+_DECODING: ContextVar[bool] = ContextVar("shortgpt_gen_decoding", default=False)
+
+
+@contextmanager
+def decoding() -> Iterator[None]:
+    token = _DECODING.set(True)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
 
 
 def apply_gen(model: PreTrainedModel, spec: GenSpec) -> None:
@@ -285,9 +300,10 @@ def continuation_logprobs(
     model: PreTrainedModel, prompt_ids: torch.Tensor, continuation_ids: torch.Tensor
 ) -> torch.Tensor:
     """log p(continuation[t] | prompt, continuation[:t]) for each t, as generation computes it: the prompt in one
-    forward (which a gen model skips its layers for), then one decoding step per continuation token.
+    forward (which a gen model skips its layers for), then the continuation as decoding steps — all of them in
+    one forward inside `decoding()`, which with the cache computes what one step per token would.
 
-    One sequence (1-D ids, or a batch of one). A single forward over the continuation would skip too, so it would
+    One sequence (1-D ids, or a batch of one). A plain forward over the continuation would skip too, so it would
     not be what generation sees.
     """
     import torch
@@ -299,9 +315,10 @@ def continuation_logprobs(
         raise ModelLoadError("continuation_logprobs needs at least one prompt token and one continuation token")
     with torch.no_grad():
         out = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
-        logits = [out.logits[:, -1]]
-        for token in cont[:-1]:
-            out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[:, -1])
-    logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
+        logits = out.logits[0, -1:]
+        if cont.numel() > 1:
+            with decoding():
+                steps = model(input_ids=cont[None, :-1], past_key_values=out.past_key_values, use_cache=True)
+            logits = torch.cat([logits, steps.logits[0]])
+    logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(1, cont.view(-1, 1).to(logp.device)).squeeze(1)

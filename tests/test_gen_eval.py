@@ -4,8 +4,10 @@ step per scored token), multiple-choice scoring by the same rule, and the report
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from test_gen import dense_folder, gen_folder
+from transformers import DynamicCache
 
 from shortgpt_deploy.evaluate import continuation_loglikelihoods, evaluate_variants, prompted_perplexity
 from shortgpt_deploy.gen import continuation_logprobs
@@ -14,14 +16,34 @@ from shortgpt_deploy.modeling import load_model
 IDS = torch.randint(4, 100, (120,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
+def stepwise_logprobs(model, prompt: list[int], cont: list[int]) -> list[float]:
+    """Generation's protocol spelled out: the prompt in one forward, then one forward per continuation token."""
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt]), past_key_values=DynamicCache(config=model.config), use_cache=True)
+        logits = [out.logits[0, -1]]
+        for token in cont[:-1]:
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[0, -1])
+    return [float(torch.log_softmax(x.float(), -1)[t]) for x, t in zip(logits, cont, strict=True)]
+
+
 def slow_prompted_nll(model, ids: list[int], prompt_len: int, scored_len: int) -> float:
-    """The protocol by hand: every span through gen.continuation_logprobs (one decoding step per token)."""
     span, total, n = prompt_len + scored_len, 0.0, 0
     for begin in range(0, len(ids) - span + 1, span):
-        w = torch.tensor(ids[begin : begin + span])
-        total -= float(continuation_logprobs(model, w[:prompt_len], w[prompt_len:]).double().sum())
+        total -= sum(stepwise_logprobs(model, ids[begin : begin + prompt_len], ids[begin + prompt_len : begin + span]))
         n += scored_len
     return total / n
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_continuation_in_one_forward_equals_one_decoding_step_per_token(tmp_path: Path, family: str) -> None:
+    """continuation_logprobs scores the continuation in one forward inside gen.decoding(); with the cache that is
+    exactly what a decoding step per token computes (Gemma 3: also past its sliding window)."""
+    dense_folder(family, tmp_path / "dense")
+    gen, _ = load_model(gen_folder(tmp_path / "dense", tmp_path / "gen", [1, 2]))
+    prompt, cont = IDS[:10], IDS[10:22]
+    fast = continuation_logprobs(gen, torch.tensor(prompt), torch.tensor(cont)).tolist()
+    assert max(abs(a - b) for a, b in zip(fast, stepwise_logprobs(gen, prompt, cont), strict=True)) < 1e-5
 
 
 def test_prompted_perplexity_is_the_decoding_protocol_for_every_model(tmp_path: Path) -> None:
@@ -42,7 +64,7 @@ def test_gen_multiple_choice_scores_the_continuation_by_decoding(tmp_path: Path)
     gen, _ = load_model(gen_folder(tmp_path / "dense", tmp_path / "gen", [1, 2]))
     requests = [(IDS[:15], IDS[15:19]), (IDS[:15], IDS[30:33]), (IDS[40:50], IDS[50:51])]
     got = continuation_loglikelihoods(gen, requests, batch_size=2, progress=False)
-    want = [float(continuation_logprobs(gen, torch.tensor(c), torch.tensor(x)).double().sum()) for c, x in requests]
+    want = [sum(stepwise_logprobs(gen, c, x)) for c, x in requests]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
     # one forward over context + continuation (what the batched path does) skips for every token: different
     with torch.inference_mode():
