@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Prefill time of a ShortGPT-gen checkpoint served by vLLM (CPU backend) against its dense parent (issue 11).
 
-Builds a gen folder beside nothing (a temporary folder: the dense weights symlinked, config.json rewritten with
-architectures = ["ShortGPTGen…"] and the skip list), starts one vLLM engine for each (stock `vllm.LLM`, engine
-cores in subprocesses, the plugin found through a throw-away dist-info on PYTHONPATH that declares only
-pyproject.toml's entry point), then times `generate` of a fresh random `--prompt-len`-token prompt with
-max_tokens=1 (one prefill step plus one sampled token), dense and gen interleaved, `--reps` times each.
-Prints medians, the paired ratio dense ÷ gen, the ideal ratio from FLOPs, and the load average beside them.
+Writes a gen folder into a temporary folder (gen.write_gen_checkpoint: the dense weights hard-linked, config.json
+naming architectures = ["ShortGPTGen…"] and the skip list), starts one vLLM engine for each (stock `vllm.LLM`,
+engine cores in subprocesses, our plugin found through the package's `vllm.general_plugins` entry point), then
+times `generate` of a fresh random `--prompt-len`-token prompt with max_tokens=1 (one prefill step plus one
+sampled token), dense and gen interleaved, `--reps` times each. Prints medians, the paired ratio dense ÷ gen, the
+ideal ratio from FLOPs, and the load average beside them.
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/gen_prefill.py [--model offline:smollm2-135m-instruct]
     [--skip 3,12,13,14,15,17,25,26] [--prompt-len 1024] [--reps 5] [--json OUT]
@@ -23,34 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def make_gen_folder(dense: Path, out: Path, skip: list[int]) -> Path:
-    out.mkdir()
-    for f in dense.iterdir():
-        if f.name != "config.json":
-            (out / f.name).symlink_to(f.resolve())
-    cfg = json.loads((dense / "config.json").read_text())
-    arch = cfg["architectures"][0]
-    cfg["architectures"] = ["ShortGPTGen" + arch]
-    cfg["shortgpt_gen"] = {"format": 1, "skip_prefill_layers": sorted(skip), "rotate_skipped_keys": True,
-                           "architecture": arch}  # fmt: skip
-    (out / "config.json").write_text(json.dumps(cfg))
+    """The gen checkpoint `prune --mode gen --layers SKIP` writes (hard links to the dense weights)."""
+    from shortgpt_deploy.gen import write_gen_checkpoint
+    from shortgpt_deploy.plan import make_plan
+
+    num_layers = json.loads((dense / "config.json").read_text())["num_hidden_layers"]
+    write_gen_checkpoint(dense, make_plan(num_layers=num_layers, layers=skip, protect=[]), out_dir=out)
     return out
-
-
-def plugin_path(folder: Path) -> Path:
-    import tomllib
-
-    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
-    info = folder / "shortgpt_gen_dev-0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shortgpt-gen-dev\nVersion: 0\n")
-    (info / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\n" + "".join(f"{k} = {v}\n" for k, v in entry.items())
-    )
-    return folder
 
 
 def ideal_ratio(cfg: dict, n_skip: int, prompt_len: int) -> tuple[float, float]:
@@ -89,12 +70,8 @@ def main() -> int:
 def measure(dense: Path, tmp: Path, skip: list[int], args: argparse.Namespace) -> dict:
     from shortgpt_deploy.serve import cpu_dtype
 
-    gen = make_gen_folder(dense, tmp / "gen", skip)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(plugin_path(tmp / "plugin")), str(ROOT), os.environ.get("PYTHONPATH", "")]
-    )
+    gen = make_gen_folder(dense, tmp / "gen", skip)  # vLLM finds our plugin through the installed entry point
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    sys.path.insert(0, str(tmp / "plugin"))
     import random
 
     from vllm import LLM, SamplingParams
