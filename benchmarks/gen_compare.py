@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from shortgpt_deploy.calibration import build_calibration, load_documents
-from shortgpt_deploy.evaluate import greedy_continuations, heldout_token_ids
+from shortgpt_deploy.evaluate import agreement, greedy_continuations, heldout_token_ids
 from shortgpt_deploy.gen import continuation_logprobs, write_gen_checkpoint
 from shortgpt_deploy.importance import score_layers
 from shortgpt_deploy.manifest import git_revision, machine, package_versions
-from shortgpt_deploy.modeling import decoder_layers, layers_removed, load_model, resolve_checkpoint, tokenizer_adds_bos
+from shortgpt_deploy.modeling import decide_add_bos, decoder_layers, layers_removed, load_model, resolve_checkpoint
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.recipe import CalibrationSpec
 
@@ -76,7 +76,7 @@ def main() -> None:
         layers = [int(x) for x in args.layers.split(",")]
         plan = make_plan(num_layers=len(decoder_layers(model)), layers=layers, protect=[0, -1])
     else:
-        add_bos = checkpoint.add_bos if checkpoint.add_bos is not None else tokenizer_adds_bos(tokenizer)
+        add_bos = decide_add_bos(tokenizer, requested=None, source=checkpoint.add_bos)
         calib = CalibrationSpec(offline="austen:emma", samples=args.samples, seq_len=args.seq_len)
         batches = build_calibration(load_documents(calib), tokenizer, calib, add_bos=add_bos, source=calib.source)
         scores = score_layers(model, batches, metric="bi")
@@ -99,10 +99,10 @@ def main() -> None:
             gen_model, _ = load_model(Path(tmp) / name)
             results[name] = measure(gen_model, spans, prefill)
             del gen_model
-    dense_greedy = results["dense"]["greedy"]
     for name, r in results.items():
-        same = sum(a == b for g, d in zip(r["greedy"], dense_greedy, strict=True) for a, b in zip(g, d, strict=True))
-        r["greedy_same_as_dense_pct"] = 100 * same / sum(len(d) for d in dense_greedy)
+        r["greedy_same_as_dense_pct"] = (
+            100 * agreement(name, "dense", r["greedy"], results["dense"]["greedy"]).token_match
+        )
         print(
             f"{name:14s} continuation ppl {r['continuation_ppl']:8.2f}   greedy = dense "
             f"{r['greedy_same_as_dense_pct']:5.1f}%   prefill {args.prefill_len} tokens {r['prefill_s'] * 1000:7.1f} ms"
