@@ -125,10 +125,11 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
     result["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision()}
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     acc = {n: a["average"]["acc"] for n, a in result.get("accuracy", {}).items()}
-    return ", ".join(
-        f"{n} ppl {r['perplexity']:.1f}" + (f" acc {acc[n]:.3f}" if n in acc else "")
-        for n, r in result["perplexity"].items()
-    )
+    # a gen variant has no plain perplexity: its note gives the prompted one (eval.json has it for every variant)
+    ppl = {n: f"ppl {r['perplexity']:.1f}" for n, r in result["perplexity"].items()}
+    ppl |= {n: f"prompted ppl {r['perplexity']:.1f}" for n, r in result.get("prompted_perplexity", {}).items()
+            if n not in ppl}  # fmt: skip
+    return ", ".join(f"{n} {p}" + (f" acc {acc[n]:.3f}" if n in acc else "") for n, p in ppl.items())
 
 
 def _bench(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
