@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import read_config
 from .errors import ShortGPTError
+from .gen import read_gen_config
 from .manifest import git_revision, machine, package_versions
 from .processes import spawn, stop_group
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
@@ -192,6 +194,47 @@ def flops_per_token(model_dir: Path) -> int:
     if not head or text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings")):
         head = [n for name, n in sizes.items() if re.search(r"embed_tokens\.q?weight$", name)]
     return 2 * sum(n for name, n in sizes.items() if name.startswith(prefix)) + 2 * sum(head)
+
+
+def prefill_flops_per_token(model_dir: Path, prompt_len: int) -> float | None:
+    """FLOPs per prompt token of a `prompt_len`-token prefill, from config.json (None where its fields are not
+    a dense decoder's): per decoder layer 2 × (the q, k, v and output projections + the gated MLP's three
+    matrices) + causal attention over prompt_len / 2 keys on average (QKᵀ and AV: 4 × heads × head_dim each).
+    A layer that a ShortGPT-gen checkpoint skips for the prompt still pays its q/k/v projection (vLLM's fused
+    qkv_proj, gen_vllm_models). The LM head runs for the last prompt token only and is left out.
+    Dense ÷ variant is the TTFT speed-up if prefill time followed FLOPs.
+    """
+    model_dir = Path(model_dir)
+    config = text_config(read_config(model_dir))
+    try:
+        h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        kv = config.get("num_key_value_heads") or heads
+        hd = config.get("head_dim") or h // heads
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    qkv = 2 * h * (heads + 2 * kv) * hd
+    layer = qkv + 2 * heads * hd * h + 2 * 3 * h * inter + 4 * heads * hd * prompt_len / 2
+    spec = read_gen_config(model_dir)
+    skipped = len(spec.skip_prefill_layers) if spec else 0
+    return (layers - skipped) * layer + skipped * qkv
+
+
+def ttft_ideal_ratios(variants: list[Variant], prompt_len: int | None) -> dict[str, float | None]:
+    """Baseline (the first variant) ÷ each variant's prefill FLOPs per token: the ideal TTFT speed-up."""
+    if prompt_len is None:
+        return {v.name: None for v in variants}
+
+    def flops(v: Variant) -> float | None:
+        try:
+            return prefill_flops_per_token(v.model_dir, prompt_len) if v.model_dir else None
+        except (ShortGPTError, OSError, ValueError) as err:
+            logger.warning("no prefill FLOP count for %s: %s", v.name, err)
+            return None
+
+    counts = {v.name: flops(v) for v in variants}
+    base = counts[variants[0].name]
+    return {n: base / f if base and f else None for n, f in counts.items()}
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -385,6 +428,8 @@ def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] =
     names, levels = [v.name for v in variants], [lv.label for lv in plan.workload.levels]
     summary = summarize(results, variants=names, levels=levels, flops={v.name: _flops_or_none(v) for v in variants})
     summary["workload"] = json.loads(json.dumps(asdict(plan.workload), default=str))
+    prompt_len = None if plan.workload.dataset_path else plan.workload.input_len  # a prompt file's lengths vary
+    summary["ttft_ideal_ratio"] = ttft_ideal_ratios(variants, prompt_len)
     summary["tokenizer"] = str(plan.tokenizer)
     summary["sources"] = {v.name: str(v.model_dir or v.endpoint) for v in variants}
     summary["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision(),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ShortGPTError
+from .gen import continuation_logprobs, is_gen_checkpoint, read_gen_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -117,13 +118,6 @@ class PromptedPerplexity:
         return asdict(self)
 
 
-def is_gen(model: PreTrainedModel) -> bool:
-    """A ShortGPT-gen model (gen.py): a forward over more than one token skips its planned layers."""
-    from .gen import read_gen_config
-
-    return read_gen_config(model.config) is not None
-
-
 def prompted_perplexity(
     model: PreTrainedModel,
     token_ids: list[int],
@@ -141,7 +135,6 @@ def prompted_perplexity(
     same numbers. So every variant of a run is scored on the same tokens under the same protocol, and the plain
     `perplexity` (one forward per window, which a gen model would skip through) is not needed for gen.
     """
-    from .gen import continuation_logprobs
     from .runtime import tqdm
 
     if prompt_len < 1 or scored_len < 1:
@@ -152,7 +145,7 @@ def prompted_perplexity(
     starts = range(0, len(token_ids) - span + 1, span)
     ids = torch.tensor(token_ids, dtype=torch.long)
     device = next(model.parameters()).device
-    gen, nll_sum = is_gen(model), 0.0
+    gen, nll_sum = is_gen_checkpoint(model.config), 0.0
     with torch.inference_mode():
         for begin in tqdm(starts, desc="prompted perplexity", unit="span", disable=not progress):
             window = ids[begin : begin + span].to(device)
@@ -282,7 +275,6 @@ def evaluate_variants(
     a gen model needs), and the gen model gets no plain `perplexity`: a forward over whole windows would skip its
     layers for every token and measure the pruned model instead.
     """
-    from .gen import read_gen_config
     from .modeling import decide_add_bos, load_model
     from .tasks import load_task
 
@@ -414,7 +406,7 @@ def continuation_loglikelihoods(
     if batch_size < 1:
         raise EvalError(f"batch size must be at least 1, got {batch_size}")
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    if is_gen(model):  # one forward over context + continuation would skip the planned layers for every token
+    if is_gen_checkpoint(model.config):  # one forward over context + continuation would skip layers for every token
         return _gen_loglikelihoods(model, requests, max_len=max_len, progress=progress, desc=desc)
     rows: dict[tuple[int, ...], list[int]] = {}  # input ids → the requests that read them
     for i, (ctx, cont) in enumerate(requests):
@@ -453,7 +445,6 @@ def _gen_loglikelihoods(
 ) -> list[float]:
     """continuation_loglikelihoods for a ShortGPT-gen model, as generation would score each choice: the context
     as the prompt (one skipping forward), then one decoding step per continuation token. One request at a time."""
-    from .gen import continuation_logprobs
     from .runtime import tqdm
 
     out = []

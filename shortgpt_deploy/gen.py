@@ -129,6 +129,14 @@ def read_gen_config(source: Path | str | Mapping[str, Any] | Any) -> GenSpec | N
     return GenSpec(tuple(layers), rotate, arch)
 
 
+def is_gen_checkpoint(source: Path | str | Mapping[str, Any] | Any) -> bool:
+    """Whether `source` (as read_gen_config takes it) is a gen checkpoint. A path with no config.json there is not
+    (a missing checkpoint is for its consumer, e.g. vLLM, to report with the rest of its checks)."""
+    if isinstance(source, str | Path) and not (Path(source).is_file() or (Path(source) / "config.json").is_file()):
+        return False
+    return read_gen_config(source) is not None
+
+
 # -------------------------------------------------------------------------------------------- the checkpoint
 def write_gen_checkpoint(
     src: Path,

@@ -18,8 +18,12 @@ on the CPU its weight may be repacked for oneDNN, so the k/v columns cannot simp
 
 torch.compile: vLLM's CPU platform traces the model once with Dynamo (CompilationMode.DYNAMO_TRACE_ONCE, no
 guards) and hands the graph to Inductor, so a Python branch on the batch layout would be frozen at trace time.
-The skipped layer is therefore one opaque custom op (torch.ops.shortgpt_gen.skipped_layer) that reads the
-forward context when it runs, eagerly; the other layers stay compiled. No --enforce-eager is needed.
+The compiled graph is therefore the stock model's (a listed layer traces as its base class: `forward` checks
+torch.compiler.is_compiling()), and it serves every decode-only step at the dense model's speed. A step with
+prompt tokens sets the forward context's `skip_compiled` (vLLM's own switch, vllm/compilation/decorators.py,
+used there for encoder inputs), so the model runs eagerly and the listed layers apply the rule above. Such a step
+is dominated by the prompt's matrix products, so losing Inductor's fusions there costs little; measured in
+benchmarks/gen_prefill.py. No --enforce-eager is needed.
 """
 
 from __future__ import annotations
@@ -31,39 +35,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.forward_context import get_forward_context
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from .errors import ModelLoadError
 from .gen_vllm import GenSpec, gen_architecture, served_gen_spec
 
 logger = logging.getLogger(__name__)
 
-_LIB = torch.library.Library("shortgpt_gen", "FRAGMENT")  # noqa: TOR901  (the op lives as long as this module)
 
-
-# ------------------------------------------------------------------------------------------------ the op
-def _skipped_layer(
-    positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None, layer_name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # The attention layer is how vLLM finds a layer by name in this engine (static forward context); it points
-    # back to its decoder layer through a weak reference set by _install (a strong one would be a module cycle).
-    attn = get_forward_context().no_compile_layers[layer_name]
-    return attn._shortgpt_gen_owner().gen_forward(positions, hidden_states, residual)
-
-
-def _skipped_layer_fake(
-    positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None, layer_name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(hidden_states), torch.empty_like(hidden_states)
-
-
-direct_register_custom_op("skipped_layer", _skipped_layer, fake_impl=_skipped_layer_fake, target_lib=_LIB)
-
-
+# ------------------------------------------------------------------------------------------------ the step
 def _layer_metadata(layer_name: str) -> Any:
     metadata = get_forward_context().attn_metadata
     if isinstance(metadata, list):  # speculative decoding: [0] is the base model's
@@ -135,15 +118,13 @@ class _SkippedLayer:
     def forward(self, positions, hidden_states, residual, **kwargs):
         if kwargs:  # no caller of the supported families passes any; refuse rather than drop them silently
             raise TypeError(f"unexpected decoder-layer arguments {sorted(kwargs)}")
-        name = self.self_attn.attn.layer_name
-        return torch.ops.shortgpt_gen.skipped_layer(positions, hidden_states, residual, name)
+        if torch.compiler.is_compiling():  # the compiled graph serves decode-only steps: the stock layer
+            return self._gen_base.forward(self, positions, hidden_states, residual)
+        return self.gen_forward(positions, hidden_states, residual)
 
     def gen_forward(self, positions, hidden_states, residual):
         attn = self.self_attn.attn
         metadata = _layer_metadata(attn.layer_name)
-        # Fused add+norm writes into its inputs, and the op declares no mutation to the compiled graph: copy.
-        hidden_states = hidden_states.clone()
-        residual = None if residual is None else residual.clone()
         if metadata is None:  # vLLM's warm-up and profiling runs
             return self._gen_base.forward(self, positions, hidden_states, residual)
         prefill = prefill_rows(metadata.query_start_loc, hidden_states.shape[0]).to(hidden_states.device)
@@ -164,12 +145,6 @@ class _SkippedLayer:
             attn_output = attn(q, k, v).index_select(0, decode)  # writes K/V of every row
         if decode.numel():
             h, r = self._finish(attn_output, stream.index_select(0, decode))
-            out_hidden = out_hidden.index_copy(0, decode, h)
-            out_residual = out_residual.index_copy(0, decode, r)
-        return out_hidden, out_residual
-        attn_output = attn(q, k, v)  # writes K/V of every row; only decode rows' outputs are used
-        if decode.numel():
-            h, r = self._finish(attn_output.index_select(0, decode), stream.index_select(0, decode))
             out_hidden = out_hidden.index_copy(0, decode, h)
             out_residual = out_residual.index_copy(0, decode, r)
         return out_hidden, out_residual
@@ -254,7 +229,31 @@ def _gen_spec(vllm_config: Any, architecture: str) -> GenSpec:
     return served_gen_spec(vllm_config.model_config.hf_config, architecture=architecture)
 
 
-class ShortGPTGenLlamaForCausalLM(LlamaForCausalLM):
+def step_has_prompt_tokens() -> bool:
+    """Whether some request of this step brings more than one new token (a prompt or a chunk of one)."""
+    if not is_forward_context_available():
+        return False
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):
+        metadata = metadata[0] if metadata else None
+    if isinstance(metadata, dict):  # one entry per layer; every entry describes the same batch
+        metadata = next(iter(metadata.values()), None)
+    if metadata is None:  # warm-up and profiling runs
+        return False
+    starts = metadata.query_start_loc
+    return bool(((starts[1:] - starts[:-1]) > 1).any())
+
+
+class _GenModel:
+    """Mixed into the served model class: a step with prompt tokens runs eagerly (see the module docstring)."""
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        if step_has_prompt_tokens():
+            get_forward_context().skip_compiled = True
+        return super().forward(input_ids, positions, *args, **kwargs)
+
+
+class ShortGPTGenLlamaForCausalLM(_GenModel, LlamaForCausalLM):
     """A Llama-family gen checkpoint (architectures = ["ShortGPTGenLlamaForCausalLM"])."""
 
     def __init__(self, *, vllm_config, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
@@ -262,7 +261,7 @@ class ShortGPTGenLlamaForCausalLM(LlamaForCausalLM):
         _install(self.model, _gen_spec(vllm_config, "LlamaForCausalLM"), _SkippedLlamaLayer, layer_type)
 
 
-class ShortGPTGenGemma3ForCausalLM(Gemma3ForCausalLM):
+class ShortGPTGenGemma3ForCausalLM(_GenModel, Gemma3ForCausalLM):
     """A Gemma-3 text gen checkpoint (architectures = ["ShortGPTGenGemma3ForCausalLM"])."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):

@@ -28,6 +28,7 @@ from .serving_tables import (
     markdown_table,
     speed_finding,
     summary_rows,
+    ttft_finding,
     verdicts,
 )
 from .surgery import text_config
@@ -363,7 +364,27 @@ def gen_section(run: RunFolder, status: dict[str, str]) -> str:
         f"{first['spans']} spans of {e.get('text')}, each a {first['prompt_len']}-token prompt then "
         f"{first['scored_len']} tokens scored one decoding step at a time.",
         markdown_table(["variant", "prompted perplexity", "÷ dense", "greedy tokens identical to dense"], rows),
+        *_gen_serving(run.summary, e.get("gen_variants") or []),
     ])  # fmt: skip
+
+
+def _gen_serving(summary: dict[str, Any] | None, gen_variants: list[str]) -> list[str]:
+    """What a served gen variant buys and costs at the lightest load level: TTFT against the prefill FLOP ideal,
+    TPOT against the dense model's (the same layers run for every generated token)."""
+    if not summary:
+        return []
+    lv, base, out = summary["levels"][0], summary["baseline"], []
+    for v in gen_variants:
+        if v not in summary["variants"]:
+            continue
+        ttft = ttft_finding(summary, v) or f"{v}: no TTFT ratio (runs missing, or no prompt length)"
+        tpot = [(summary["variants"][n][lv].get("median") or {}).get("p50_tpot_ms") for n in (base, v)]
+        line = f"Served: {ttft}."
+        if all(tpot):
+            line += (f" TPOT p50 {tpot[0]:.1f} → {tpot[1]:.1f} ms ({tpot[1] / tpot[0]:.2f}× {base}'s; every decoding "
+                     "step runs all layers, so the ideal is 1.00×).")  # fmt: skip
+        out.append(line)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- serving

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import ModelLoadError, ShortGPTError
+from .gen import is_gen_checkpoint
 from .modeling import is_gptq_folder
 from .processes import spawn, stop_group
 
@@ -168,19 +169,12 @@ def vllm_argv(opts: ServeOptions) -> list[str]:
         argv += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
     if gpu and opts.pipeline_parallel_size > 1:
         argv += ["--pipeline-parallel-size", str(opts.pipeline_parallel_size)]
-    if is_gen_folder(opts.model_dir) and not any("prefix-caching" in a for a in opts.extra_args):
+    if is_gen_checkpoint(opts.model_dir) and not any("prefix-caching" in a for a in opts.extra_args):
         # A prompt found in the prefix cache is recomputed from its last token only (one token: every layer runs),
         # and cached blocks of generated text hold K/V from every layer: the gen rule would depend on what was
         # asked before. Off unless extra_args says otherwise.
         argv += ["--no-enable-prefix-caching"]
     return argv + list(opts.extra_args)
-
-
-def is_gen_folder(model_dir: Path) -> bool:
-    from .gen import read_gen_config
-
-    config = Path(model_dir) / "config.json"  # a missing one is vLLM's to report, with the rest of its checks
-    return config.is_file() and read_gen_config(config) is not None
 
 
 def served_name(opts: ServeOptions) -> str:

@@ -61,7 +61,28 @@ def verdicts(summary: dict[str, Any], *, target_of_ideal: float = 0.95) -> list[
                 f"{v}/{summary['baseline']} output tok/s at {lv}: {_span(r)} vs ideal {ideal:.3f} = {got:.2f} of "
                 f"ideal: **{'pass' if got >= target_of_ideal else 'miss'}** (target ≥ {target_of_ideal:.2f} of ideal)"
             )
+        if line := ttft_finding(summary, v):
+            lines.append(line)
     return lines
+
+
+def ttft_finding(summary: dict[str, Any], variant: str) -> str | None:
+    """Time to first token at the first (lightest) load level, baseline ÷ variant, beside the prefill FLOP ideal;
+    None without both numbers. Heavier levels queue prompts behind other requests' steps, which no FLOP count
+    describes."""
+    ideal = (summary.get("ttft_ideal_ratio") or {}).get(variant)
+    lv = summary["levels"][0]
+    medians = [
+        (summary["variants"][n][lv].get("median") or {}).get("p50_ttft_ms") for n in (summary["baseline"], variant)
+    ]
+    if ideal is None or not all(medians):
+        return None
+    measured = medians[0] / medians[1]
+    return (
+        f"{variant}/{summary['baseline']} TTFT p50 at {lv}: {medians[0]:.1f} → {medians[1]:.1f} ms = {measured:.2f}× "
+        f"faster vs ideal {ideal:.2f}× (prefill FLOPs of a {summary['workload']['input_len']}-token prompt) = "
+        f"{measured / ideal:.2f} of ideal"
+    )
 
 
 def bench_context(summary: dict[str, Any]) -> list[str]:

@@ -21,8 +21,10 @@ from shortgpt_deploy.bench import (
     levels_from,
     parse_slo,
     parse_variant,
+    prefill_flops_per_token,
     run_benchmark,
     summarize,
+    ttft_ideal_ratios,
 )
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.plan import make_plan
@@ -130,6 +132,23 @@ def test_flops_per_token_and_ideal_ratio(tmp_path, tied):
     assert flops_per_token(out) == 2 * 3 * LAYER + 2 * HEAD == 17216
     s = summarize([], variants=["dense", "pruned"], levels=["c1"], flops={"dense": 21888, "pruned": 17216})
     assert s["ideal_ratio"]["pruned"] == pytest.approx(21888 / 17216)
+
+
+def test_prefill_flops_of_dense_pruned_and_gen_folders(tmp_path):
+    """By hand for hidden 16, MLP 32, 4 heads of 4 (2 kv), a 10-token prompt: per layer qkv 2·16·8·4 = 1024,
+    o_proj 2·16·16 = 512, MLP 2·3·16·32 = 3072, attention 4·16·5 = 320 → 4928; a skipped layer pays its qkv."""
+    from shortgpt_deploy.gen import write_gen_checkpoint
+
+    src = tiny_checkpoint(tmp_path / "src", tied=False)
+    prune_checkpoint(src, make_plan(num_layers=4, layers=[1, 2]), out_dir=tmp_path / "pruned", progress=False)
+    write_gen_checkpoint(src, make_plan(num_layers=4, layers=[1, 2]), out_dir=tmp_path / "gen")
+    assert prefill_flops_per_token(src, 10) == 4 * 4928
+    assert prefill_flops_per_token(tmp_path / "pruned", 10) == 2 * 4928
+    assert prefill_flops_per_token(tmp_path / "gen", 10) == 2 * 4928 + 2 * 1024
+    variants = [Variant(n, model_dir=tmp_path / n) for n in ("src", "pruned", "gen")] + [Variant("x", endpoint="u")]
+    ratios = ttft_ideal_ratios(variants, 10)
+    assert ratios == {"src": 1.0, "pruned": 2.0, "gen": pytest.approx(4 * 4928 / (2 * 4928 + 2 * 1024)), "x": None}
+    assert set(ttft_ideal_ratios(variants, None).values()) == {None}  # prompts from a file: no single length
 
 
 # ------------------------------------------------------------------------------------------ set-up errors

@@ -1,6 +1,7 @@
 """The gen variant in eval and the report: perplexity as generation sees it (prompt skipping, then one decoding
 step per scored token), multiple-choice scoring by the same rule, and the report's ShortGPT-gen section."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from test_gen import dense_folder, gen_folder
 from transformers import DynamicCache
 
+from shortgpt_deploy.bench import summarize
 from shortgpt_deploy.evaluate import continuation_loglikelihoods, evaluate_variants, prompted_perplexity
 from shortgpt_deploy.gen import continuation_logprobs
 from shortgpt_deploy.modeling import load_model
@@ -94,3 +96,15 @@ def test_eval_with_a_gen_variant_and_its_report_section(tmp_path: Path) -> None:
     (run / "manifest.json").write_text(json.dumps({"variants": {"dense": str(dense), "gen": str(gen)}}))
     section = gen_section(load_run(run), {})
     assert "## ShortGPT-gen" in section and "| gen |" in section and "40-token prompt" in section
+    assert "Served:" not in section  # not benchmarked
+
+    # Benchmarked: TTFT against the prefill FLOP ideal, TPOT against dense.
+    def result(ttft_ms: float) -> dict:  # the fields of a `vllm bench serve` result JSON that summarize reads
+        return {"output_throughput": 100.0, "p50_ttft_ms": ttft_ms, "p50_tpot_ms": 60.0}
+
+    summary = summarize([("dense", "c1", 1, result(40.0)), ("gen", "c1", 1, result(32.0))],
+                        variants=["dense", "gen"], levels=["c1"], flops={"dense": 1, "gen": 1})  # fmt: skip
+    summary |= {"workload": {"input_len": 1024}, "ttft_ideal_ratio": {"dense": 1.0, "gen": 1.3}}
+    section = gen_section(dataclasses.replace(load_run(run), summary=summary), {})
+    assert "Served: gen/dense TTFT p50 at c1: 40.0 → 32.0 ms = 1.25× faster vs ideal 1.30×" in section
+    assert "TPOT p50 60.0 → 60.0 ms (1.00× dense's" in section

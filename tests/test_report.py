@@ -32,6 +32,11 @@ def test_verdicts_against_the_ideal_ratio():
     s = hand_made_summary()
     s["ideal_ratio"]["pruned"] = 1.5
     assert "0.83 of ideal: **miss**" in verdicts(s)[0]
+    # With the prefill FLOP ideal (bench.finish writes it), one TTFT line at the lightest level: 45 → 32 ms.
+    s["workload"], s["ttft_ideal_ratio"] = {"input_len": 128}, {"dense": 1.0, "pruned": 1.5}
+    ttft = verdicts(s)[-1]
+    assert ttft.startswith("pruned/dense TTFT p50 at c1: 45.0 → 32.0 ms = 1.41× faster vs ideal 1.50×")
+    assert ttft.endswith("= 0.94 of ideal") and len(verdicts(s)) == 3
 
 
 def test_rows_and_markdown():
