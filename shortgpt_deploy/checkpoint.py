@@ -80,6 +80,19 @@ def read_config_layers(folder: Path) -> int:
     return n
 
 
+def is_quantized(folder: Path, method: str | None = None) -> bool:
+    """Whether config.json of `folder` has a quantization_config (of `quant_method` `method`, e.g. "gptq", when
+    given). A folder without a readable config.json is not quantized: loading it fails later, with that error."""
+    try:
+        config = read_config(folder)
+    except (OSError, ModelLoadError):  # CheckpointError is a ModelLoadError
+        return False
+    quant = config.get("quantization_config")
+    if quant is None:
+        return False
+    return method is None or (isinstance(quant, dict) and quant.get("quant_method") == method)
+
+
 # ------------------------------------------------------------------------------------------- safetensors
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Return (header, byte offset where tensor data starts), after checking the whole file against it.

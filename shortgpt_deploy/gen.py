@@ -37,7 +37,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -284,15 +284,15 @@ def decoding() -> Iterator[None]:
         _DECODING.reset(token)
 
 
-def apply_gen(model: PreTrainedModel, spec: GenSpec) -> None:
-    """Make a loaded dense model follow the ShortGPT-gen rule for `spec`'s layers (in place)."""
-    from .modeling import decoder_layers
+def apply_gen(model: PreTrainedModel, spec: GenSpec, layers: Sequence[torch.nn.Module]) -> None:
+    """Make a loaded dense model follow the ShortGPT-gen rule for `spec`'s layers (in place).
 
+    `layers` are the model's decoder layers (modeling.decoder_layers): passed in by modeling.load_model, which
+    calls this, so that gen never imports the module that imports it."""
     if type(model).__name__ != spec.architecture:
         raise UnsupportedArchitectureError(
             f"the gen config is for {spec.architecture} but transformers loaded {type(model).__name__}"
         )
-    layers = decoder_layers(model)
     for i in spec.skip_prefill_layers:
         layer = layers[i]
         dense = type(layer)
