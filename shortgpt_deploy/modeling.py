@@ -17,13 +17,12 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import is_quantized, read_safetensors_header
+from .checkpoint import is_quantized, output_transaction, read_safetensors_header
 from .errors import ModelLoadError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -200,11 +199,11 @@ def convert_gguf(gguf_file: Path, *, add_bos: bool | None = None) -> Path:
     if add_bos:
         # So that every consumer of the folder (vLLM serving included) prepends BOS as the model expects.
         tokenizer.add_bos_token = True
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    # force: a cache entry, so a leftover without config.json, or a copy another process finished meanwhile from
+    # the same file, is replaced (they hold the same conversion).
+    with output_transaction(target, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
