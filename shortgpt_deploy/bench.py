@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_config, read_config_layers, text_config
+from .checkpoint import read_config, read_config_layers, read_layer_tensors, text_config
 from .errors import ShortGPTError
 from .gen import read_gen_config
 from .manifest import provenance
 from .processes import spawn, stop_group
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
-from .surgery import read_layer_tensors
 
 logger = logging.getLogger(__name__)
 

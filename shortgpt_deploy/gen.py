@@ -44,10 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import check_layer_tensors, output_transaction, read_config, read_json, text_config
+from .checkpoint import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    check_layer_tensors,
+    copy_side_files,
+    output_transaction,
+    read_config,
+    read_json,
+    read_layer_tensors,
+    text_config,
+    weight_files,
+)
 from .errors import CheckpointError, ModelLoadError, PlanError, UnsupportedArchitectureError
 from .plan import LayerPlan
-from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors, weight_files
 
 if TYPE_CHECKING:
     import torch

@@ -27,13 +27,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .checkpoint import is_quantized, output_transaction, read_config_layers
+from .checkpoint import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    copy_side_files,
+    is_quantized,
+    output_transaction,
+    read_config_layers,
+    read_layer_tensors,
+)
 from .errors import MissingDependencyError, ShortGPTError  # noqa: F401  (MissingDependencyError: raised here too)
 from .recipe import CalibrationSpec
 
 # Imported by name so that tests can pretend to be another machine (monkeypatch quantize.on_gpu and the rest).
 from .runtime import GPTQ_EXTRA, cpu_has_int4_kernel, import_gptqmodel, on_gpu, stdout_to_stderr  # noqa: F401
-from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors
 
 logger = logging.getLogger(__name__)
 

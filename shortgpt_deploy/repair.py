@@ -16,12 +16,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import is_quantized, output_transaction, read_config_layers
+from .checkpoint import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    copy_side_files,
+    is_quantized,
+    output_transaction,
+    read_config_layers,
+    read_layer_tensors,
+)
 from .errors import UnsupportedArchitectureError
 from .files import atomic_write_text
 from .plan import LayerPlan
 from .repair_methods import METHODS, GapRepair, RepairError, RepairOptions
-from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors
 
 if TYPE_CHECKING:
     import torch
