@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ShortGPTError
+from .manifest import provenance
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -338,6 +338,7 @@ def _removal_sets(ctx: Context, grid: list[int], protected: frozenset[int]) -> t
 
 def ratio_sweep_analysis(ctx: Context) -> dict[str, Any]:
     """Paper Fig. 5: held-out perplexity against the number of layers removed, for every removal order."""
+    from .evaluate import retention_pct
     from .plan import normalize_protected
     from .runtime import tqdm
 
@@ -361,7 +362,7 @@ def ratio_sweep_analysis(ctx: Context) -> dict[str, Any]:
             "mc_table": mc_table,
             "dense_mc_acc": dense_mc,
             "at_25_percent_mc": {name: t[str(n25)] for name, t in mc_table.items()},
-            "retention_at_25_percent": {name: 100 * t[str(n25)] / dense_mc for name, t in mc_table.items()},
+            "retention_at_25_percent": {name: retention_pct(t[str(n25)], dense_mc) for name, t in mc_table.items()},
         }
     return {
         "num_layers": num_layers,
@@ -393,18 +394,6 @@ class AnalysisResult:
     json_path: Path
     png_path: Path
     data: dict[str, Any]
-
-
-def provenance() -> dict[str, Any]:
-    from .manifest import git_revision, machine, package_versions
-
-    return {
-        "command": list(sys.argv),
-        "git_revision": git_revision(),
-        "packages": package_versions(),
-        "machine": machine(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool) -> tuple[Context, str]:

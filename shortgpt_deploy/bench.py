@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_config
+from .checkpoint import read_config, read_config_layers, read_layer_tensors, text_config
 from .errors import ShortGPTError
 from .gen import read_gen_config
-from .manifest import git_revision, machine, package_versions
+from .manifest import provenance
 from .processes import spawn, stop_group
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
-from .surgery import read_config_layers, read_layer_tensors, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -432,8 +431,7 @@ def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] =
     summary["ttft_ideal_ratio"] = ttft_ideal_ratios(variants, prompt_len)
     summary["tokenizer"] = str(plan.tokenizer)
     summary["sources"] = {v.name: str(v.model_dir or v.endpoint) for v in variants}
-    summary["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision(),
-                             "load_1min_start_end": load_1min}  # fmt: skip
+    summary["provenance"] = provenance() | {"load_1min_start_end": load_1min}
     (plan.bench_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     bad = [r for r in plan.records if r.status != "ok"]
     if bad:

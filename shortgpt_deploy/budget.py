@@ -151,7 +151,7 @@ def select_by_retention(
 ) -> BudgetResult:
     """Remove the first n layers of `order`, for the largest n whose multiple-choice retention stays at or above
     `min_retention_pct`: 100 × (average acc over `tasks` with n layers removed) ÷ (the dense model's)."""
-    from .evaluate import run_tasks
+    from .evaluate import retention_pct, run_tasks
     from .modeling import layers_removed
 
     n_max = _check_n_max(n_max, order)
@@ -175,7 +175,7 @@ def select_by_retention(
         )
 
     def negated_retention(n: int) -> float:  # largest_within wants a measure that grows with n
-        retention = 100 * average_acc(n) / baseline
+        retention = retention_pct(average_acc(n), baseline)
         logger.info("budget: %d layers removed → average acc %.4f, retention %.1f%%", n, accuracy[n]["average"]["acc"],
                     retention)  # fmt: skip
         return -retention

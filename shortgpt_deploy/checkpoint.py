@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -40,6 +41,12 @@ DTYPE_BYTES = {
 }  # fmt: skip
 # The safetensors library refuses headers above 100 MB; a larger length prefix is garbage, not a header.
 MAX_HEADER_BYTES = 100_000_000
+
+# The files of a checkpoint folder that every stage writing one knows by name.
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PLAN_FILE = "shortgpt_plan.json"  # the plan travels with the checkpoint it produced
+# Files that are weights in another format: never copied (they would still hold the removed layers).
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -78,6 +85,19 @@ def read_config_layers(folder: Path) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise CheckpointError(f"{Path(folder) / 'config.json'}: num_hidden_layers is {n!r}, not a positive integer")
     return n
+
+
+def is_quantized(folder: Path, method: str | None = None) -> bool:
+    """Whether config.json of `folder` has a quantization_config (of `quant_method` `method`, e.g. "gptq", when
+    given). A folder without a readable config.json is not quantized: loading it fails later, with that error."""
+    try:
+        config = read_config(folder)
+    except (OSError, ModelLoadError):  # CheckpointError is a ModelLoadError
+        return False
+    quant = config.get("quantization_config")
+    if quant is None:
+        return False
+    return method is None or (isinstance(quant, dict) and quant.get("quant_method") == method)
 
 
 # ------------------------------------------------------------------------------------------- safetensors
@@ -146,6 +166,63 @@ def _damaged(path: Path, problem: str) -> CheckpointError:
 
 
 # ------------------------------------------------------------------------------------------ layer tensors
+def weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    index_path = src / WEIGHTS_INDEX
+    if index_path.is_file():
+        index = read_json(index_path)
+        return sorted({src / f for f in index["weight_map"].values()}), index
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        other = [p.name for p in src.iterdir() if p.suffix in OTHER_WEIGHTS]
+        hint = (
+            f" (found {', '.join(other)}: convert to safetensors first, e.g. load and save_pretrained)" if other else ""
+        )
+        raise ModelLoadError(f"{src} has no .safetensors weights{hint}")
+    return shards, None
+
+
+def read_layer_tensors(src: Path, num_layers: int) -> tuple[dict[Path, dict[str, Any]], str]:
+    """Every shard's tensor entries (name → dtype, shape, offsets; metadata dropped) and the decoder-layer prefix.
+
+    Surgery, quantization and FLOP counting all need both; the headers are read once, without loading tensors.
+    """
+    shards, _ = weight_files(src)
+    headers = {s: {n: v for n, v in read_safetensors_header(s)[0].items() if n != "__metadata__"} for s in shards}
+    prefix = detect_layer_prefix([n for h in headers.values() for n in h], num_layers)
+    return headers, prefix
+
+
+def detect_layer_prefix(names: list[str], num_layers: int) -> str:
+    """The tensor-name prefix of the decoder layers, e.g. `model.layers.`: the one numbered exactly 0..L-1."""
+    seen: dict[str, set[int]] = defaultdict(set)
+    for name in names:
+        for m in re.finditer(r"(?:^|\.)(\d+)\.", name):
+            seen[name[: m.start(1)]].add(int(m.group(1)))
+    matches = [p for p, idx in seen.items() if idx == set(range(num_layers))]
+    if len(matches) != 1:
+        raise UnsupportedArchitectureError(
+            f"cannot tell which tensors belong to the {num_layers} decoder layers (candidates: {matches or 'none'})"
+        )
+    return matches[0]
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer files, chat template, generation_config, licences: everything that is not weights or config."""
+    for p in sorted(src.iterdir()):
+        if (
+            p.is_file()
+            and p.suffix not in (".safetensors", *OTHER_WEIGHTS)
+            and p.name
+            not in (
+                "config.json",
+                WEIGHTS_INDEX,
+                "README.md",
+                PLAN_FILE,
+            )
+        ):
+            shutil.copy2(p, dst / p.name)
+
+
 def layer_kinds(config: dict[str, Any]) -> list[tuple[Any, ...]]:
     """A key per decoder layer: layers with the same key must hold the same tensors (same names and shapes).
 

@@ -254,7 +254,7 @@ def build(
     """Run a recipe: score → plan → prune, then its quantize, eval and bench sections, then report.md."""
     _setup_logging(verbose)
     from .pipeline import build as run_build
-    from .recipe import load_recipe
+    from .preflight import load_recipe
 
     parsed = load_recipe(recipe)
     result = run_build(

@@ -43,3 +43,7 @@ class CheckpointError(ModelLoadError):
 
 class OutputWriteError(ShortGPTError):
     """An output that could not be written (a full disk); nothing of it is left behind."""
+
+
+class MissingDependencyError(ShortGPTError):
+    """An optional library a step needs is not installed; the message gives the install command."""

@@ -315,9 +315,15 @@ def evaluate_variants(
         out["generation"] = generation_probe_scores(models["dense"], prompts, greedy, dtype=dtype)
     if loaded:
         base = (accuracy.get("dense") or {}).get("average", {}).get("acc")
-        retention = {v: 100 * a["average"]["acc"] / base for v, a in accuracy.items() if base}
+        retention = {v: retention_pct(a["average"]["acc"], base) for v, a in accuracy.items() if base}
         out |= {"tasks": list(tasks), "limit": limit, "accuracy": accuracy, "retention_pct": retention}
     return out
+
+
+def retention_pct(acc: float, dense_acc: float) -> float:
+    """ShortGPT's retention: 100 × acc ÷ dense_acc (average multiple-choice accuracy of a compressed model over
+    the dense model's, in percent). The one formula of the budget, the eval stage and the analyses."""
+    return 100 * acc / dense_acc
 
 
 # ------------------------------------------------------------------------------------------ generative probe

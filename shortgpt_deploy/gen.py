@@ -37,17 +37,27 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import check_layer_tensors, output_transaction, read_config, read_json, text_config
+from .checkpoint import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    check_layer_tensors,
+    copy_side_files,
+    output_transaction,
+    read_config,
+    read_json,
+    read_layer_tensors,
+    text_config,
+    weight_files,
+)
 from .errors import CheckpointError, ModelLoadError, PlanError, UnsupportedArchitectureError
 from .plan import LayerPlan
-from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors, weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -284,15 +294,15 @@ def decoding() -> Iterator[None]:
         _DECODING.reset(token)
 
 
-def apply_gen(model: PreTrainedModel, spec: GenSpec) -> None:
-    """Make a loaded dense model follow the ShortGPT-gen rule for `spec`'s layers (in place)."""
-    from .modeling import decoder_layers
+def apply_gen(model: PreTrainedModel, spec: GenSpec, layers: Sequence[torch.nn.Module]) -> None:
+    """Make a loaded dense model follow the ShortGPT-gen rule for `spec`'s layers (in place).
 
+    `layers` are the model's decoder layers (modeling.decoder_layers): passed in by modeling.load_model, which
+    calls this, so that gen never imports the module that imports it."""
     if type(model).__name__ != spec.architecture:
         raise UnsupportedArchitectureError(
             f"the gen config is for {spec.architecture} but transformers loaded {type(model).__name__}"
         )
-    layers = decoder_layers(model)
     for i in spec.skip_prefill_layers:
         layer = layers[i]
         dense = type(layer)

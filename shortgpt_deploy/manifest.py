@@ -80,6 +80,18 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def provenance() -> dict[str, Any]:
+    """What every artifact records about how it was made: the command, when, the source revision, the package
+    versions and the machine (the same keys as the manifest's)."""
+    return {
+        "command": list(sys.argv),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_revision": git_revision(),
+        "packages": package_versions(),
+        "machine": machine(),
+    }
+
+
 @dataclass
 class Manifest:
     command: list[str] = field(default_factory=lambda: list(sys.argv))

@@ -15,15 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import is_quantized, output_transaction, read_safetensors_header
 from .errors import ModelLoadError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -200,11 +199,11 @@ def convert_gguf(gguf_file: Path, *, add_bos: bool | None = None) -> Path:
     if add_bos:
         # So that every consumer of the folder (vLLM serving included) prepends BOS as the model expects.
         tokenizer.add_bos_token = True
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    # force: a cache entry, so a leftover without config.json, or a copy another process finished meanwhile from
+    # the same file, is replaced (they hold the same conversion).
+    with output_transaction(target, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -220,13 +219,11 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import read_safetensors_header
-
     for shard in sorted(Path(folder).glob("*.safetensors")):
         read_safetensors_header(shard)  # a truncated or garbled file: one error naming it, not a loader traceback
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        if is_gptq_folder(Path(folder)):
+        if is_quantized(Path(folder), "gptq"):
             model = _load_gptq_dequantized(Path(folder), getattr(torch, dtype))
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -242,16 +239,8 @@ def load_model(
 
     gen = read_gen_config(Path(folder))
     if gen is not None:
-        apply_gen(model, gen)
+        apply_gen(model, gen, decoder_layers(model))
     return model, tokenizer
-
-
-def is_gptq_folder(folder: Path) -> bool:
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
 def _load_gptq_dequantized(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -264,7 +253,7 @@ def _load_gptq_dequantized(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     """
     import torch
 
-    from .quantize import import_gptqmodel, stdout_to_stderr
+    from .runtime import import_gptqmodel, stdout_to_stderr
 
     gptqmodel = import_gptqmodel()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear

@@ -75,13 +75,11 @@ def build_variants(model_spec: str, settings: AnalysisSettings, run_dir: Path, *
     return run_dir
 
 
-def _retention(acc: float, dense: float) -> float:
-    return 100 * acc / dense
-
-
 def orthogonality_table(evaluated: dict[str, Any], compressed: str = "pruned") -> dict[str, Any]:
     """From evaluate_variants' result for the four (dense, dense-gptq, `compressed` and its GPTQ: pruned, or
     repaired where the run has it too): per-variant rows, the predictions, and the interactions."""
+    from .evaluate import retention_pct  # evaluate imports torch: only when a table is made
+
     quantized = compressed + "-gptq"
     four = ("dense", "dense-gptq", compressed, quantized)
     ppl = {v: evaluated["perplexity"][v]["perplexity"] for v in four}
@@ -92,7 +90,7 @@ def orthogonality_table(evaluated: dict[str, Any], compressed: str = "pruned") -
             "perplexity": ppl[v],
             "perplexity_ratio": ppl[v] / ppl["dense"],
             "mc_acc": acc[v],
-            "retention_pct": _retention(acc[v], acc["dense"]),
+            "retention_pct": retention_pct(acc[v], acc["dense"]),
             "tasks": {
                 t: {k: r[k] for k in ("acc", "acc_norm", "acc_stderr", "n") if k in r}
                 for t, r in evaluated["accuracy"][v]["tasks"].items()
@@ -106,7 +104,7 @@ def orthogonality_table(evaluated: dict[str, Any], compressed: str = "pruned") -
     stderrs = [r.get("acc_stderr") for r in rows[quantized]["tasks"].values()]
     # the average over tasks of independent estimates: its standard error, in retention points
     avg_stderr = (sum(s * s for s in stderrs) ** 0.5 / len(stderrs)) if None not in stderrs else None
-    ret_stderr = None if avg_stderr is None else _retention(avg_stderr, acc["dense"])
+    ret_stderr = None if avg_stderr is None else retention_pct(avg_stderr, acc["dense"])
     return {
         "tasks": tasks,
         "variants": rows,

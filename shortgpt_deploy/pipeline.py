@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .calibration import build_calibration, check_text_files, load_documents
+from .calibration import build_calibration, load_documents
 from .checkpoint import output_transaction
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .files import atomic_write_text
@@ -27,9 +27,10 @@ from .gen import GEN_FIELD, check_gen_source, write_gen_checkpoint
 from .importance import LayerScores, score_iteratively, score_layers
 from .manifest import Manifest
 from .modeling import Checkpoint, cache_dir, decide_add_bos, load_model, resolve_checkpoint, source_add_bos
-from .plan import LayerPlan, check_amount, check_request, make_plan, n_from_ratio, normalize_protected
+from .plan import LayerPlan, check_amount, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
-from .recipe import GEN_VARIANT, GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
+from .preflight import QuantizeChoice, preflight  # noqa: F401  (QuantizeChoice: what preflight settles)
+from .recipe import GEN_VARIANT, GREEDY_METRIC, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
 from .runtime import third_party_output
 from .stages import LATER_STAGES, STAGE_FUNCTIONS
@@ -162,12 +163,6 @@ def _select_budget(
         result.limit_ppl,
     )  # fmt: skip
     return result
-
-
-def _is_quantized(folder: Path) -> bool:
-    import json
-
-    return "quantization_config" in json.loads((folder / "config.json").read_text())
 
 
 def score_model(
@@ -314,83 +309,6 @@ def build(
             + f". See {run_dir / 'report.md'}, {run_dir / 'manifest.json'} and {run_dir / 'logs'}/."
         )
     return result
-
-
-@dataclass(frozen=True)
-class QuantizeChoice:
-    """The scheme and serving target the quantize stage will use, settled before any heavy work."""
-
-    scheme: str
-    target: str  # cpu | gpu
-    servable_here: bool  # whether this machine's vLLM can serve the result (else the bench leaves it out)
-    note: str = ""
-
-
-def preflight(recipe: Recipe, *, dry_run: bool = False) -> QuantizeChoice | None:
-    """The checks that need no model: the plan's rules on config.json alone and the calibration files (in a dry
-    run too; they once failed only after loading and scoring), then the GPTQ scheme can be served where asked, the
-    libraries are installed, the retention budget's task data is there.
-
-    `scheme: auto` with `target: auto` on a machine whose vLLM cannot serve any GPTQ checkpoint (an AVX2-only CPU)
-    still quantizes, for quality (the orthogonality claim is about quality), with the scheme a GPU serves; the
-    bench then leaves the quantized variants out and the report says why. An explicit scheme or target that
-    cannot be served fails here instead.
-    """
-    check_text_files(recipe.calibration)  # scoring and GPTQ read them
-    checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
-    p = recipe.prune
-    check_request(
-        num_layers=read_config_layers(checkpoint.path), n_remove=p.n_remove, ratio=p.ratio, layers=p.layers,
-        protect=p.protect, metric=p.metric,
-    )  # fmt: skip
-    if "gen" in p.mode:
-        check_gen_source(checkpoint.path)
-    if p.plot and _is_quantized(checkpoint.path):
-        raise PlanError(
-            f"prune.plot: {checkpoint.path} is quantized and cannot be scored here; drop plot: true (explicit "
-            "layers need no scores)"
-        )
-    if recipe.repair is not None and _is_quantized(checkpoint.path):
-        raise PlanError(
-            f"repair: {checkpoint.path} is quantized; repairs fold into float weights: prune the float model, "
-            "repair it, then quantize the repaired one (quantize.variants: [repaired])"
-        )
-    if dry_run:
-        return None
-    choice = None
-    if recipe.quantize is not None:
-        from .quantize import UnservableSchemeError, choose_scheme, import_gptqmodel, resolve_target
-
-        q, here = recipe.quantize, resolve_target("auto")
-        try:
-            scheme, where = choose_scheme(q.scheme, target=q.target)
-            choice = QuantizeChoice(scheme.name, where, where == here)
-        except UnservableSchemeError as err:
-            if (q.scheme, q.target) != ("auto", "auto"):
-                raise
-            scheme, where = choose_scheme("auto", target="gpu")
-            note = f"{scheme.name} for a GPU, measured for quality only: {str(err).split('. ')[0]}"
-            logger.warning("quantize: %s", note)
-            choice = QuantizeChoice(scheme.name, where, False, note)
-        import_gptqmodel()
-        benched = [v for v in (recipe.bench.variants if recipe.bench else []) if v.endswith(QUANTIZED_SUFFIX)]
-        if benched and not choice.servable_here and not choice.note:
-            raise PlanError(
-                f"quantize.target is {where} but the bench serves {', '.join(benched)} on this machine "
-                f"({here}); set quantize.target: auto, or drop them from bench.variants"
-            )
-    budget = recipe.prune.budget
-    if budget is not None and budget.criterion == "retention":
-        from .budget import load_budget_tasks
-
-        load_budget_tasks(budget)  # missing multiple-choice data fails before the model loads
-    if recipe.bench is not None:
-        from .serve import ServeError, load_preset, vllm_installed
-
-        if not vllm_installed():
-            raise ServeError("the bench section needs vLLM, which is not installed: `make install` installs it")
-        load_preset(recipe.serve.preset if recipe.serve else None)
-    return choice
 
 
 def score_and_prune(

@@ -19,25 +19,31 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .checkpoint import output_transaction, read_config, read_config_layers
-from .errors import ShortGPTError
+from .checkpoint import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    copy_side_files,
+    is_quantized,
+    output_transaction,
+    read_config_layers,
+    read_layer_tensors,
+)
+from .errors import MissingDependencyError, ShortGPTError  # noqa: F401  (MissingDependencyError: raised here too)
 from .recipe import CalibrationSpec
-from .serve import on_gpu
-from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors
+
+# Imported by name so that tests can pretend to be another machine (monkeypatch quantize.on_gpu and the rest).
+from .runtime import GPTQ_EXTRA, cpu_has_int4_kernel, import_gptqmodel, on_gpu, stdout_to_stderr  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-GPTQ_EXTRA = "pip install 'shortgpt-deploy[gptq]'"
 Target = Literal["auto", "cpu", "gpu"]
 # GPTQ calibration: more and longer blocks than scoring needs (GPTQ's paper uses 128 x 2048 tokens; 512-token
 # blocks keep a CPU run of a small model within minutes). Emma, so that Persuasion stays held out.
@@ -56,10 +62,6 @@ class SchemeError(QuantizeError):
 
 class UnservableSchemeError(SchemeError):
     """A scheme the serving target's vLLM has no kernel for."""
-
-
-class MissingDependencyError(QuantizeError):
-    """The GPTQ library is not installed."""
 
 
 @dataclass(frozen=True)
@@ -114,21 +116,6 @@ def parse_scheme(name: str) -> str:
 
 def _known() -> str:
     return ", ".join(("auto", *SCHEMES))
-
-
-def cpu_has_int4_kernel() -> bool:
-    """Whether this machine's vLLM CPU build has the 4-bit GPTQ matmul (`torch.ops._C.cpu_gemm_wna16`).
-
-    vLLM loads the library that matches the CPU (AVX-512 or AVX2) when `vllm._custom_ops` is imported; only the
-    AVX-512 ones have the op. No vLLM at all answers False: nothing here could serve the checkpoint.
-    """
-    try:
-        import torch
-        import vllm._custom_ops  # noqa: F401  (loads the kernel library as a side effect)
-    except Exception as err:  # ImportError, or a vLLM that fails to initialise: either way no kernel
-        logger.debug("vLLM's CPU kernels are not importable: %s", err)
-        return False
-    return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
 def resolve_target(target: str) -> str:
@@ -220,21 +207,6 @@ def check_cpu_shapes(shapes: dict[str, tuple[int, int]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def import_gptqmodel() -> Any:
-    # GPTQModel sizes its CPU thread pool from this at first use. Its default, half of os.cpu_count(), is 1 on a
-    # 2-core machine, and 7.6.0 then fails at the first quantize() ("Virtual pool 'model_loader:cpu' requests 2
-    # workers but parent 'cpu' only has 1"): so at least 2, and every core we may use.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, len(os.sched_getaffinity(0)))))
-    try:
-        with stdout_to_stderr():
-            import gptqmodel
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"GPTQ quantization needs GPTQModel, which is not installed ({err}): {GPTQ_EXTRA}"
-        ) from None
-    return gptqmodel
-
-
 def _calibration_rows(src: Path, spec: CalibrationSpec, add_bos: bool | None) -> tuple[list[dict], dict]:
     """The project's calibration blocks, unpadded, one dict per block as GPTQModel takes them."""
     from transformers import AutoTokenizer
@@ -271,7 +243,7 @@ def quantize_checkpoint(
     card gets a quantization section.
     """
     src, out_dir = Path(src), Path(out_dir)
-    if "quantization_config" in read_config(src):
+    if is_quantized(src):
         raise QuantizeError(f"{src} is already quantized (config.json has quantization_config); give the float one")
     with output_transaction(out_dir, force=force) as tmp:
         chosen, where = choose_scheme(scheme, target=target)
@@ -296,11 +268,6 @@ def quantize_checkpoint(
         _finish_folder(src, tmp, result)
     logger.info("quantize: %s in %.0f s → %s", chosen.name, duration_s, out_dir)
     return result
-
-
-def stdout_to_stderr() -> contextlib.AbstractContextManager[Any]:
-    """GPTQModel writes its banner, tables and progress bars to stdout, which belongs to our caller (`--json`)."""
-    return contextlib.redirect_stdout(sys.stderr)
 
 
 @contextlib.contextmanager

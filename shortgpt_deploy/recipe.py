@@ -2,6 +2,10 @@
 
 Every section forbids unknown keys so that a typo fails at load time with the field's path, instead of being
 silently ignored and producing a different model than the one the user asked for.
+
+This module is the bottom of the package: it imports no stage, so every stage may import it. The names only a
+stage knows (task names, GPTQ schemes, SLOs) are marked here and checked by preflight.py, whose `load_recipe` /
+`parse_recipe` are what a build reads a recipe with (see `stage_names`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -26,6 +30,20 @@ PRUNE_METRICS: tuple[str, ...] = (*get_args(MetricName), GREEDY_METRIC)
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Fields whose values are names only a stage knows: task names (tasks.py), the GPTQ scheme (quantize.py), SLOs
+# (bench.py). The schema marks them; the check comes from preflight.check_stage_names through pydantic's validation
+# context, so that it runs inside validation (same error format, same order as every other field's) while this
+# module imports no stage. A section built in code, without that context, keeps its names as given.
+StageNames = Literal["tasks", "scheme", "slos"]
+NAMES_CONTEXT = "check_stage_names"
+
+
+def stage_names(kind: StageNames, value: Any, info: ValidationInfo) -> Any:
+    """`value` checked and normalised by the context's checker (raises ValueError), or as it is without one."""
+    check = (info.context or {}).get(NAMES_CONTEXT)
+    return value if check is None else check(kind, value)
 
 
 class ModelSpec(_Section):
@@ -125,15 +143,10 @@ class BudgetSpec(_Section):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        from .tasks import TaskError, parse_task_names
-
+    def _known_tasks(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if not value:
             raise ValueError("list at least one task, e.g. [piqa, arc_easy]")
-        try:
-            return parse_task_names(",".join(value))
-        except TaskError as err:
-            raise ValueError(str(err)) from None
+        return stage_names("tasks", value, info)
 
     @model_validator(mode="after")
     def _one_criterion(self) -> BudgetSpec:
@@ -304,13 +317,8 @@ class QuantizeSpec(_Section):
 
     @field_validator("scheme")
     @classmethod
-    def _known_scheme(cls, value: str) -> str:
-        from .quantize import SchemeError, parse_scheme  # no heavy imports; the names live there
-
-        try:
-            return parse_scheme(value)
-        except SchemeError as err:
-            raise ValueError(str(err)) from None
+    def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
+        return stage_names("scheme", value, info)
 
 
 class EvalSpec(_Section):
@@ -339,13 +347,8 @@ class EvalSpec(_Section):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        from .tasks import TaskError, parse_task_names
-
-        try:
-            return parse_task_names(",".join(value)) if value else []
-        except TaskError as err:
-            raise ValueError(str(err)) from None
+    def _known_tasks(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return stage_names("tasks", value, info) if value else []
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvalSpec:
@@ -387,13 +390,8 @@ class BenchSpec(_Section):
 
     @field_validator("slos")
     @classmethod
-    def _slos_parse(cls, value: list[str]) -> list[str]:
-        from .bench import BenchError, parse_slo
-
-        try:
-            return [str(parse_slo(s)) for s in value]
-        except BenchError as err:
-            raise ValueError(str(err)) from None
+    def _slos_parse(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return stage_names("slos", value, info)
 
     @model_validator(mode="after")
     def _levels(self) -> BenchSpec:
@@ -514,16 +512,19 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def parse_recipe(data: Any, *, origin: str = "recipe") -> Recipe:
+def parse_schema(data: Any, *, origin: str = "recipe", check_stage_names: Any = None) -> Recipe:
+    """A recipe from its YAML data; `check_stage_names(kind, value)` checks the stages' names (see stage_names):
+    preflight.parse_recipe passes its own, which is how a build reads a recipe."""
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: expected a mapping with model, calibration, prune and output sections")
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={NAMES_CONTEXT: check_stage_names})
     except ValidationError as err:
         raise RecipeError(f"{origin} is not a valid recipe:\n{_format_errors(err, Recipe)}") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_recipe_file(path: str | Path) -> Any:
+    """The YAML data of a recipe file (preflight.load_recipe checks it)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path} (the shipped recipes are in recipes/)")
@@ -531,4 +532,4 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
-    return parse_recipe(data, origin=str(path))
+    return data

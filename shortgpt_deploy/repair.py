@@ -16,12 +16,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import output_transaction, read_config_layers
+from .checkpoint import (
+    PLAN_FILE,
+    WEIGHTS_INDEX,
+    copy_side_files,
+    is_quantized,
+    output_transaction,
+    read_config_layers,
+    read_layer_tensors,
+)
 from .errors import UnsupportedArchitectureError
 from .files import atomic_write_text
 from .plan import LayerPlan
 from .repair_methods import METHODS, GapRepair, RepairError, RepairOptions
-from .surgery import PLAN_FILE, WEIGHTS_INDEX, copy_side_files, read_layer_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +129,7 @@ def repair_checkpoint(
     `method` is one method or a chain, applied in order to the same model in memory (each fits on the model as
     the previous one left it); the checkpoint is written once, at the end.
     """
-    from .modeling import decoder_layers, is_gptq_folder, load_model
+    from .modeling import decoder_layers, load_model
 
     start = time.perf_counter()
     dense_dir, pruned_dir, out_dir = Path(dense_dir), Path(pruned_dir), Path(out_dir)
@@ -138,7 +145,7 @@ def repair_checkpoint(
     if out_dir.resolve() == pruned_dir.resolve():
         raise RepairError(f"the repair's output folder {out_dir} is its input; choose another output folder")
     for folder in (dense_dir, pruned_dir):
-        if is_gptq_folder(folder):
+        if is_quantized(folder, "gptq"):
             raise RepairError(
                 f"{folder} is GPTQ-quantized: repairs fold into float weights; repair the float pruned checkpoint "
                 "and quantize the repaired one"

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
     from .calibration import Batch, CalibrationSet
     from .plan import LayerPlan
-    from .repair_methods import GapRepair, RepairOptions
+    from .repair_gaps import GapRepair
+    from .repair_methods import RepairOptions
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class DistillOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .repair_methods import RepairError
+        from .repair_gaps import RepairError
 
         if self.trainable not in TRAINABLE:
             raise RepairError(f"unknown distill trainable {self.trainable!r}; known: {', '.join(TRAINABLE)}")
@@ -107,7 +108,7 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def split_batches(batches: list[Batch], holdout: float) -> tuple[list[Batch], list[Batch]]:
     """(training, held-out): the last round(share) batches, at least one, are held out. The calibration set is
     already a seeded random sample of blocks, so the last batches are as representative as any."""
-    from .repair_methods import RepairError
+    from .repair_gaps import RepairError
 
     if len(batches) < 2:
         raise RepairError(
@@ -237,7 +238,7 @@ def repair_distill(
 ) -> tuple[list[GapRepair], dict[str, torch.Tensor]]:
     """Distil `dense` into `student` in memory; one record for the whole run, and every tensor it changed."""
     from .modeling import decoder_layers
-    from .repair_methods import GapRepair, find_gaps
+    from .repair_gaps import GapRepair, find_gaps
 
     start = time.perf_counter()
     opts = options.distill

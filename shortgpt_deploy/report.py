@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import text_config
 from .errors import ShortGPTError
 from .files import atomic_write_text
 from .plan import LayerPlan
@@ -31,7 +32,6 @@ from .serving_tables import (
     ttft_finding,
     verdicts,
 )
-from .surgery import text_config
 
 STAGES = ("score", "prune", "quantize", "eval", "bench")
 

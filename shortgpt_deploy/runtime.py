@@ -1,4 +1,9 @@
-"""Low level: third-party output kept off the console and in a log file.
+"""Low level: what this machine runs on (GPU or CPU, vLLM's CPU kernels), optional libraries imported with their
+install hint, and third-party output kept off the console and in a log file.
+
+Every stage asks here, so "is there a GPU" or "can this vLLM serve 4-bit GPTQ" has one answer per machine.
+
+Third-party output:
 
 The libraries we call write in four ways: through their loggers (torchao's "Failed to load ... _C_mxfp8 ... .so"
 warnings), as Python warnings, with progress bars and print() on sys.stdout/sys.stderr (transformers' "Loading
@@ -20,7 +25,69 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ShortGPTError
+from .errors import MissingDependencyError, ShortGPTError
+
+logger = logging.getLogger(__name__)
+
+GPTQ_EXTRA = "pip install 'shortgpt-deploy[gptq]'"
+
+
+# --------------------------------------------------------------------------------------- machine probes
+def on_gpu() -> bool:
+    """Whether torch sees a CUDA GPU (no torch: no)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def cpu_has_int4_kernel() -> bool:
+    """Whether this machine's vLLM CPU build has the 4-bit GPTQ matmul (`torch.ops._C.cpu_gemm_wna16`).
+
+    vLLM loads the library that matches the CPU (AVX-512 or AVX2) when `vllm._custom_ops` is imported; only the
+    AVX-512 ones have the op. No vLLM at all answers False: nothing here could serve the checkpoint.
+    """
+    try:
+        import torch
+        import vllm._custom_ops  # noqa: F401  (loads the kernel library as a side effect)
+    except Exception as err:  # ImportError, or a vLLM that fails to initialise: either way no kernel
+        logger.debug("vLLM's CPU kernels are not importable: %s", err)
+        return False
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+def vllm_installed() -> bool:
+    """Found, not imported: importing vLLM takes seconds."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+# ----------------------------------------------------------------------------------- optional libraries
+def import_gptqmodel() -> Any:
+    """GPTQModel (the `gptq` extra), or MissingDependencyError with the install command."""
+    # GPTQModel sizes its CPU thread pool from this at first use. Its default, half of os.cpu_count(), is 1 on a
+    # 2-core machine, and 7.6.0 then fails at the first quantize() ("Virtual pool 'model_loader:cpu' requests 2
+    # workers but parent 'cpu' only has 1"): so at least 2, and every core we may use.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, len(os.sched_getaffinity(0)))))
+    try:
+        with stdout_to_stderr():
+            import gptqmodel
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"GPTQ quantization needs GPTQModel, which is not installed ({err}): {GPTQ_EXTRA}"
+        ) from None
+    return gptqmodel
+
+
+# ----------------------------------------------------------------------------------- third-party output
+def stdout_to_stderr() -> contextlib.AbstractContextManager[Any]:
+    """For libraries that print to stdout (GPTQModel's banner, tables and progress bars): stdout belongs to our
+    caller (`--json`)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
 
 # The terminal of each active capture, innermost last (a capture inside another writes to the same terminal).
 _terminals: list[Any] = []

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
+from .checkpoint import is_quantized, read_config, text_config
 from .errors import ModelLoadError, ShortGPTError
 from .gen import is_gen_checkpoint
-from .modeling import is_gptq_folder
 from .processes import spawn, stop_group
+from .runtime import on_gpu, vllm_installed  # noqa: F401  (vllm_installed: the bench's check, asked here)
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +52,6 @@ class ServeOptions:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-
-def vllm_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def on_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def cpu_dtype() -> str:
@@ -132,9 +118,7 @@ def check_extra_args(args: tuple[str, ...]) -> None:
 
 def fit_to_model(opts: ServeOptions) -> ServeOptions:
     """`opts` with max_model_len no longer than the model's own context (config.json max_position_embeddings)."""
-    from .surgery import text_config
-
-    config = text_config(json.loads((Path(opts.model_dir) / "config.json").read_text()))
+    config = text_config(read_config(Path(opts.model_dir)))
     limit = config.get("max_position_embeddings")
     return replace(opts, max_model_len=min(opts.max_model_len, limit)) if limit else opts
 
@@ -149,7 +133,7 @@ def vllm_argv(opts: ServeOptions) -> list[str]:
     dtype = opts.dtype
     if dtype == "auto" and not gpu:
         # vLLM refuses float32 for GPTQ checkpoints; their activations run in bf16 on the CPU.
-        dtype = "bfloat16" if is_gptq_folder(opts.model_dir) else cpu_dtype()
+        dtype = "bfloat16" if is_quantized(opts.model_dir, "gptq") else cpu_dtype()
     # The model by its folder name: the server runs in the parent folder (see VLLMServer.start).
     argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", Path(opts.model_dir).resolve().name]
     argv += [

@@ -96,7 +96,7 @@ def _quantize(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bo
 def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) -> str:
     """Perplexity of every checkpoint the run has, and greedy agreement with each one's reference."""
     from .evaluate import evaluate_variants
-    from .manifest import git_revision, machine, package_versions
+    from .manifest import provenance
     from .modeling import source_add_bos
 
     e = recipe.eval
@@ -122,7 +122,7 @@ def _eval(recipe: Recipe, run_dir: Path, manifest: Manifest, *, progress: bool) 
         progress=progress,
     )
     result["models"] = {n: str(p) for n, p in models.items()}
-    result["provenance"] = {"machine": machine(), "packages": package_versions(), "git_revision": git_revision()}
+    result["provenance"] = provenance()
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     acc = {n: a["average"]["acc"] for n, a in result.get("accuracy", {}).items()}
     # a gen variant has no plain perplexity: its note gives the prompted one (eval.json has it for every variant)

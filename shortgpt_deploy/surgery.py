@@ -14,33 +14,35 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
+from .checkpoint import (  # noqa: F401  (PLAN_FILE, WEIGHTS_INDEX: the folder's names, also read from here)
     LAYER_INDEX_FIELDS,
     LAYER_THRESHOLD_FIELDS,
+    OTHER_WEIGHTS,
     PER_LAYER_FIELDS,
+    PLAN_FILE,
+    WEIGHTS_INDEX,
     check_layer_tensors,
+    copy_side_files,
+    detect_layer_prefix,
     output_transaction,
     read_config,
     read_config_layers,
     read_json,
+    read_layer_tensors,
     read_safetensors_header,
     text_config,
+    weight_files,
 )
-from .errors import ModelLoadError, PlanError, UnsupportedArchitectureError
+from .errors import PlanError, UnsupportedArchitectureError
 from .plan import LayerPlan
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
-PLAN_FILE = "shortgpt_plan.json"  # the plan travels with the checkpoint it produced
-# Files that are weights in another format: never copied (they would still hold the removed layers).
-OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 # The config fields that describe layers per layer, by index and by threshold live in checkpoint.py.
 # Fields that describe layers by a period; removing layers breaks the period unless it is trivial.
@@ -109,20 +111,6 @@ def rewrite_safetensors(src: Path, dst: Path, rename: dict[str, str | None], pro
             if progress is not None:
                 progress.update(length)
     return pos
-
-
-def detect_layer_prefix(names: list[str], num_layers: int) -> str:
-    """The tensor-name prefix of the decoder layers, e.g. `model.layers.`: the one numbered exactly 0..L-1."""
-    seen: dict[str, set[int]] = defaultdict(set)
-    for name in names:
-        for m in re.finditer(r"(?:^|\.)(\d+)\.", name):
-            seen[name[: m.start(1)]].add(int(m.group(1)))
-    matches = [p for p, idx in seen.items() if idx == set(range(num_layers))]
-    if len(matches) != 1:
-        raise UnsupportedArchitectureError(
-            f"cannot tell which tensors belong to the {num_layers} decoder layers (candidates: {matches or 'none'})"
-        )
-    return matches[0]
 
 
 def tensor_renames(names: list[str], prefix: str, plan: LayerPlan) -> dict[str, str | None]:
@@ -227,32 +215,6 @@ def remap_module_names(obj: Any, prefix: str, plan: LayerPlan) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- the whole
-def weight_files(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
-    index_path = src / WEIGHTS_INDEX
-    if index_path.is_file():
-        index = read_json(index_path)
-        return sorted({src / f for f in index["weight_map"].values()}), index
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        other = [p.name for p in src.iterdir() if p.suffix in OTHER_WEIGHTS]
-        hint = (
-            f" (found {', '.join(other)}: convert to safetensors first, e.g. load and save_pretrained)" if other else ""
-        )
-        raise ModelLoadError(f"{src} has no .safetensors weights{hint}")
-    return shards, None
-
-
-def read_layer_tensors(src: Path, num_layers: int) -> tuple[dict[Path, dict[str, Any]], str]:
-    """Every shard's tensor entries (name → dtype, shape, offsets; metadata dropped) and the decoder-layer prefix.
-
-    Surgery, quantization and FLOP counting all need both; the headers are read once, without loading tensors.
-    """
-    shards, _ = weight_files(src)
-    headers = {s: {n: v for n, v in read_safetensors_header(s)[0].items() if n != "__metadata__"} for s in shards}
-    prefix = detect_layer_prefix([n for h in headers.values() for n in h], num_layers)
-    return headers, prefix
-
-
 # Config keys from which transformers derives per-layer attention types when `layer_types` is absent.
 LAYER_TYPE_SOURCES = ("sliding_window", "use_sliding_window", "max_window_layers", *PATTERN_FIELDS)
 
@@ -338,23 +300,6 @@ def prune_checkpoint(
         written / 1e6,
     )
     return notes
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer files, chat template, generation_config, licences: everything that is not weights or config."""
-    for p in sorted(src.iterdir()):
-        if (
-            p.is_file()
-            and p.suffix not in (".safetensors", *OTHER_WEIGHTS)
-            and p.name
-            not in (
-                "config.json",
-                WEIGHTS_INDEX,
-                "README.md",
-                PLAN_FILE,
-            )
-        ):
-            shutil.copy2(p, dst / p.name)
 
 
 def model_card(plan: LayerPlan, base_model: str, notes: list[str], recipe_text: str | None) -> str:

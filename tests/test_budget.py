@@ -12,7 +12,7 @@ from shortgpt_deploy.errors import PlanError, RecipeError
 from shortgpt_deploy.evaluate import perplexity
 from shortgpt_deploy.modeling import layers_removed, load_model
 from shortgpt_deploy.pipeline import build
-from shortgpt_deploy.recipe import parse_recipe
+from shortgpt_deploy.preflight import parse_recipe
 
 
 @pytest.mark.parametrize("answer", range(0, 21))

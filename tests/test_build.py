@@ -11,8 +11,8 @@ from tiny import WORDS, tiny_llama
 from shortgpt_deploy import pipeline, quantize, serve
 from shortgpt_deploy.errors import ShortGPTError
 from shortgpt_deploy.pipeline import BuildIncompleteError, build
+from shortgpt_deploy.preflight import parse_recipe
 from shortgpt_deploy.quantize import MissingDependencyError, QuantizeError, UnservableSchemeError
-from shortgpt_deploy.recipe import parse_recipe
 
 
 def words(path: Path, n: int, seed: int) -> Path:

@@ -26,7 +26,7 @@ from shortgpt_deploy.gen import GenSpec, continuation_logprobs, read_gen_config,
 from shortgpt_deploy.modeling import decoder_layers, load_model
 from shortgpt_deploy.pipeline import build
 from shortgpt_deploy.plan import LayerPlan, make_plan
-from shortgpt_deploy.recipe import parse_recipe
+from shortgpt_deploy.preflight import parse_recipe
 
 SKIP = [1, 2, 4]  # Gemma 3 fixture: full, sliding, full attention
 PROMPT_LEN, NEW_TOKENS = 10, 8  # the prompt is longer than the sliding window (4)

@@ -18,7 +18,7 @@ from shortgpt_deploy.importance import LayerScores
 from shortgpt_deploy.modeling import layers_removed, load_model, tokenizer_adds_bos
 from shortgpt_deploy.pipeline import build
 from shortgpt_deploy.plan import make_plan
-from shortgpt_deploy.recipe import parse_recipe
+from shortgpt_deploy.preflight import parse_recipe
 
 runner = CliRunner()
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from shortgpt_deploy.errors import RecipeError
-from shortgpt_deploy.recipe import CalibrationSpec, load_recipe, parse_recipe
+from shortgpt_deploy.preflight import load_recipe, parse_recipe
+from shortgpt_deploy.recipe import CalibrationSpec
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 PAPER_LAYERS = {

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.pipeline import build
-from shortgpt_deploy.recipe import RecipeError, parse_recipe
+from shortgpt_deploy.preflight import parse_recipe
+from shortgpt_deploy.recipe import RecipeError
 
 runner = CliRunner()
 
