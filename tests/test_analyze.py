@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from test_tasks import data_dir  # noqa: F401  (fixture: a tiny PIQA/MMLU folder)
 from tiny import WORDS, tiny_llama
 from typer.testing import CliRunner
 
@@ -211,7 +210,7 @@ def _mc_of(context, removed):
 
 
 @pytest.mark.parametrize("tasks_at", ["all", "25"])
-def test_ratio_sweep_with_tasks(files, data_dir, tasks_at):  # noqa: F811
+def test_ratio_sweep_with_tasks(files, data_dir, tasks_at):
     tiny, calib, held = files
     s = settings(calib, held, tasks=("piqa", "mmlu"), limit=4, tasks_at=tasks_at, orders=("bi", "reverse"))
     context, _ = load_context(str(tiny), s, progress=False)
@@ -236,7 +235,7 @@ def test_ratio_sweep_with_tasks(files, data_dir, tasks_at):  # noqa: F811
     assert "| order | perplexity | MC average | retention |" in section and bi in section
 
 
-def test_single_layer_with_tasks_in_json_plot_and_table(files, data_dir, tmp_path):  # noqa: F811
+def test_single_layer_with_tasks_in_json_plot_and_table(files, data_dir, tmp_path):
     tiny, calib, held = files
     code, output = run(
         "analyze", tiny, "--what", "single-layer", "--calibration", calib, "--heldout", held, "--out", tmp_path,

@@ -7,6 +7,7 @@ import sys
 import threading
 
 import pytest
+from helpers import hand_made_summary
 from typer.testing import CliRunner
 
 from shortgpt_deploy import bench
@@ -64,28 +65,6 @@ def test_levels_and_variants():
 
 
 # ------------------------------------------------------------------------------------------ summary math
-def vllm_result(tps: float, ttft_ms: float, failed: int = 0, goodput: float | None = None) -> dict:
-    """The fields of a `vllm bench serve` result JSON that the summary reads."""
-    out = {"output_throughput": tps, "request_throughput": tps / 64, "failed": failed, "request_goodput": goodput}
-    for p in (50, 90, 99):
-        for k in ("ttft", "tpot", "itl", "e2el"):
-            out[f"p{p}_{k}_ms"] = ttft_ms * p / 50 if k == "ttft" else 10.0 + p
-    return out
-
-
-def hand_made_summary() -> dict:
-    results = [
-        ("dense", "c1", 1, vllm_result(100.0, 40.0)),
-        ("pruned", "c1", 1, vllm_result(120.0, 30.0)),
-        ("dense", "c1", 2, vllm_result(110.0, 50.0)),
-        ("pruned", "c1", 2, vllm_result(143.0, 34.0)),
-        ("dense", "c4", 1, vllm_result(200.0, 80.0)),  # pruned c4 repeat 1 missing: ratio from repeat 2 only
-        ("dense", "c4", 2, vllm_result(210.0, 90.0)),
-        ("pruned", "c4", 2, vllm_result(252.0, 70.0)),
-    ]
-    return summarize(results, variants=["dense", "pruned"], levels=["c1", "c4"], flops={"dense": 300, "pruned": 240})
-
-
 def test_medians_and_paired_ratios():
     s = hand_made_summary()
     assert s["baseline"] == "dense" and s["ideal_ratio"] == {"dense": 1.0, "pruned": 1.25}

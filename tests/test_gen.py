@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_checkpoint
-from tiny import WORDS, tiny_tokenizer
+from helpers import dense_folder, gen_folder, plan_for
+from tiny import WORDS
 from transformers import DynamicCache
 from typer.testing import CliRunner
 
@@ -25,7 +25,7 @@ from shortgpt_deploy.errors import CheckpointError, RecipeError, UnsupportedArch
 from shortgpt_deploy.gen import GenSpec, continuation_logprobs, read_gen_config, write_gen_checkpoint
 from shortgpt_deploy.modeling import decoder_layers, load_model
 from shortgpt_deploy.pipeline import build
-from shortgpt_deploy.plan import LayerPlan, make_plan
+from shortgpt_deploy.plan import LayerPlan
 from shortgpt_deploy.preflight import parse_recipe
 
 SKIP = [1, 2, 4]  # Gemma 3 fixture: full, sliding, full attention
@@ -34,21 +34,6 @@ TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def dense_folder(family: str, folder: Path, **overrides: Any) -> Path:
-    build_tiny_checkpoint(family, folder, **overrides)
-    tiny_tokenizer().save_pretrained(folder)  # load_model loads a tokenizer too
-    return folder
-
-
-def plan_for(skip: list[int], n: int = 6) -> LayerPlan:
-    return make_plan(num_layers=n, layers=skip, protect=[])
-
-
-def gen_folder(dense: Path, out: Path, skip: list[int], rotate: bool = True) -> Path:
-    write_gen_checkpoint(dense, plan_for(skip), out_dir=out, rotate_skipped_keys=rotate)
-    return out
-
-
 def prompt_ids(length: int = PROMPT_LEN) -> torch.Tensor:
     return torch.randint(4, 100, (1, length), generator=torch.Generator().manual_seed(7))
 

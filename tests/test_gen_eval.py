@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_gen import dense_folder, gen_folder
+from helpers import dense_folder, gen_folder
 from transformers import DynamicCache
 
 from shortgpt_deploy.bench import summarize

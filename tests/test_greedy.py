@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_build import recipe
+from helpers import recipe
 from tiny import tiny_llama
 from typer.testing import CliRunner
 

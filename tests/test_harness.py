@@ -8,7 +8,7 @@ import sys
 import types
 
 import pytest
-from test_tasks import ckpt, run  # noqa: F401  (fixture: a tiny 2-layer checkpoint; the CLI runner)
+from helpers import run
 
 from shortgpt_deploy.harness import parse_results
 
@@ -39,18 +39,17 @@ def fake_harness(monkeypatch):
     return calls
 
 
-def test_without_the_harness_one_clear_error(ckpt, monkeypatch):  # noqa: F811
+def test_without_the_harness_one_clear_error(two_layer_llama, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
-    code, output = run("eval", ckpt, "--lm-eval", "piqa", "--no-progress")
+    code, output = run("eval", two_layer_llama, "--lm-eval", "piqa", "--no-progress")
     assert code == 2
     flat = " ".join(output.split())
     assert "lm-evaluation-harness is not installed: `pip install lm-eval`" in flat and "offline, use --tasks" in flat
 
 
-def test_the_loaded_model_and_settings_reach_the_harness(ckpt, fake_harness):  # noqa: F811
-    code, output = run(
-        "eval", ckpt, "--lm-eval", "piqa, arc_easy", "--limit", "7", "--shots", "1", "--batch-size", "3", "--json"
-    )
+def test_the_loaded_model_and_settings_reach_the_harness(two_layer_llama, fake_harness):
+    args = ("--lm-eval", "piqa, arc_easy", "--limit", "7", "--shots", "1", "--batch-size", "3", "--json")
+    code, output = run("eval", two_layer_llama, *args)
     assert code == 0, output
     report = json.loads(output[output.index("{") :])
     model, tokenizer, batch = fake_harness["wrapped"]

@@ -6,7 +6,6 @@ import random
 import shutil
 
 import pytest
-from test_tasks import data_dir  # noqa: F401  (fixture: a tiny PIQA/MMLU folder)
 from tiny import WORDS, tiny_llama
 from typer.testing import CliRunner
 
@@ -40,7 +39,7 @@ def run_dir(tmp_path_factory):
     return folder, held
 
 
-def test_four_checkpoints_measured_and_predictions_from_them(run_dir, data_dir):  # noqa: F811
+def test_four_checkpoints_measured_and_predictions_from_them(run_dir, data_dir):
     run_folder, held = run_dir
     code, output = run(
         "analyze", run_folder, "--what", "orthogonality", "--heldout", held, "--tasks", "piqa,mmlu", *HELD
@@ -71,7 +70,7 @@ def test_four_checkpoints_measured_and_predictions_from_them(run_dir, data_dir):
     assert data["verdict"] in report and f"| dense | 6 | {rows['dense']['perplexity']:.2f} |" in report
 
 
-def test_a_run_with_the_repaired_pair_measures_it_too(run_dir, tmp_path, data_dir):  # noqa: F811
+def test_a_run_with_the_repaired_pair_measures_it_too(run_dir, tmp_path, data_dir):
     run_folder, held = run_dir
     folder = tmp_path / "run"
     shutil.copytree(run_folder, folder)
@@ -95,7 +94,7 @@ def test_a_run_with_the_repaired_pair_measures_it_too(run_dir, tmp_path, data_di
     assert "The repaired model and its GPTQ" in (folder / "report.md").read_text()
 
 
-def test_a_run_without_the_gptq_checkpoints(run_dir, tmp_path, data_dir):  # noqa: F811
+def test_a_run_without_the_gptq_checkpoints(run_dir, tmp_path, data_dir):
     run_folder, held = run_dir
     partial = tmp_path / "run"
     shutil.copytree(run_folder, partial)
@@ -146,7 +145,7 @@ def test_the_repaired_pair_has_its_own_prediction():
     assert table["verdict"].startswith("repaired-gptq perplexity is 1.25×")
 
 
-def test_from_a_model_builds_the_four_with_gptq(tmp_path, data_dir):  # noqa: F811
+def test_from_a_model_builds_the_four_with_gptq(tmp_path, data_dir):
     pytest.importorskip("gptqmodel")
     model = tiny_llama(tmp_path / "model", num_layers=4, hidden_size=128, num_heads=4)
     rng = random.Random(0)

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import calibration, load, logits, pruned_pair
 from safetensors import safe_open
 from tiny import tiny_tokenizer
 
 import shortgpt_deploy.modeling as modeling
 from shortgpt_deploy import repair_fit as fit
-from shortgpt_deploy.calibration import Batch, CalibrationSet
+from shortgpt_deploy.calibration import CalibrationSet
 from shortgpt_deploy.errors import OutputExistsError
 from shortgpt_deploy.plan import LayerPlan, make_plan
 from shortgpt_deploy.repair import (
@@ -33,39 +34,6 @@ TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def calibration(n_batches: int = 4, rows: int = 4, seq: int = 16, seed: int = 0, vocab: int = 128) -> CalibrationSet:
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, vocab, (rows, seq), generator=g)
-        mask = torch.ones(rows, seq, dtype=torch.long)
-        mask[-1, seq // 2 :] = 0  # padding: must be left out of every sum
-        ids[-1, seq // 2 :] = 0
-        batches.append(Batch(ids, mask))
-    return CalibrationSet(batches, "random-ids", n_batches * rows, seq, seed, False)
-
-
-def load(folder: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def logits(model: Any, cal: CalibrationSet) -> torch.Tensor:
-    with torch.no_grad():
-        b = cal.batches[0]
-        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-    return out[b.attention_mask.bool()]
-
-
-def pruned_pair(tiny_checkpoint, tmp_path: Path, family: str, remove: list[int], **overrides) -> tuple[Path, Path]:
-    dense = tiny_checkpoint(family, tmp_path / "dense", **overrides)
-    tiny_tokenizer().save_pretrained(dense)  # load_model loads one; surgery copies it
-    plan = make_plan(num_layers=6, layers=remove, protect=[])
-    prune_checkpoint(dense, plan, out_dir=tmp_path / "pruned", progress=False)
-    return dense, tmp_path / "pruned"
-
-
 def tensor(folder: Path, name: str) -> torch.Tensor:
     headers, _ = read_layer_tensors(folder, modeling_layers(folder))
     for shard, header in headers.items():

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_build import model, recipe  # noqa: F401  (fixture: a tiny Llama checkpoint)
+from helpers import recipe
 from typer.testing import CliRunner
 
 from shortgpt_deploy.cli import app
@@ -15,8 +15,8 @@ from shortgpt_deploy.recipe import RecipeError
 runner = CliRunner()
 
 
-def test_build_with_repair_adds_the_repaired_variant_everywhere(tmp_path, model):  # noqa: F811
-    r = recipe(tmp_path, model, repair={"method": ["linear", "scale"], "samples": 8, "seq_len": 64}, eval={})
+def test_build_with_repair_adds_the_repaired_variant_everywhere(tmp_path, build_llama):
+    r = recipe(tmp_path, build_llama, repair={"method": ["linear", "scale"], "samples": 8, "seq_len": 64}, eval={})
     r = r.model_copy(update={"prune": r.prune.model_copy(update={"n_remove": 2})})
     build(r, recipe_text="", progress=False)
     run = tmp_path / "run"
@@ -41,12 +41,12 @@ def test_build_with_repair_adds_the_repaired_variant_everywhere(tmp_path, model)
     assert "| repaired | 2 |" in report  # layers: the pruned count
 
 
-def test_repair_command_writes_a_checkpoint_and_refuses_unknown_methods(tmp_path, model):  # noqa: F811
+def test_repair_command_writes_a_checkpoint_and_refuses_unknown_methods(tmp_path, build_llama):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(["the cat sat on the mat and looked at the dog"] * 200))
     pruned = tmp_path / "pruned"
-    assert runner.invoke(app, ["prune", str(model), "--out", str(pruned), "--layers", "1"]).exit_code == 0
-    args = ["repair", str(pruned), "--dense", str(model), "--calibration", str(text), "--samples", "4",
+    assert runner.invoke(app, ["prune", str(build_llama), "--out", str(pruned), "--layers", "1"]).exit_code == 0
+    args = ["repair", str(pruned), "--dense", str(build_llama), "--calibration", str(text), "--samples", "4",
             "--seq-len", "32", "--no-progress"]  # fmt: skip
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "fixed")])
     assert result.exit_code == 0, result.output
@@ -66,9 +66,9 @@ def test_repair_command_writes_a_checkpoint_and_refuses_unknown_methods(tmp_path
         ({"quantize": {"variants": ["repaired"]}}, "no repair section"),
     ],
 )
-def test_recipe_rules_for_repair(tmp_path, model, section, message):  # noqa: F811
+def test_recipe_rules_for_repair(tmp_path, build_llama, section, message):
     data = {
-        "model": {"path": str(model)},
+        "model": {"path": str(build_llama)},
         "calibration": {"offline": "austen:emma"},
         "prune": {"n_remove": 1},
         "output": {"dir": str(tmp_path / "run")},
@@ -89,10 +89,10 @@ def test_a_single_method_may_be_written_without_a_list(tmp_path):
     assert parse_recipe(data).repair.method == ["linear"]
 
 
-def test_build_chains_linear_then_distill(tmp_path, model):  # noqa: F811
+def test_build_chains_linear_then_distill(tmp_path, build_llama):
     distill = {"max_steps": 4, "eval_every": 2, "lr": 1e-3}
     section = {"method": ["linear", "distill"], "samples": 8, "seq_len": 64, "batch_size": 2, "distill": distill}
-    build(recipe(tmp_path, model, repair=section), recipe_text="", progress=False)
+    build(recipe(tmp_path, build_llama, repair=section), recipe_text="", progress=False)
     repair = json.loads((tmp_path / "run" / "repair.json").read_text())
     linear, distilled = repair["steps"]
     assert (linear["method"], distilled["method"]) == ("linear", "distill")

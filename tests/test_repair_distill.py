@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_repair import calibration, load, logits, pruned_pair
+from helpers import calibration, load, logits, pruned_pair
 
 from shortgpt_deploy.calibration import Batch
 from shortgpt_deploy.plan import make_plan

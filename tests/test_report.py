@@ -5,7 +5,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from test_bench import hand_made_summary, vllm_result
+from helpers import hand_made_summary, vllm_result
 from typer.testing import CliRunner
 
 from shortgpt_deploy.bench import Workload, summarize

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import calibration
 from tiny import tiny_llama
 
 from shortgpt_deploy.errors import ModelLoadError
@@ -221,7 +222,6 @@ def completion(url: str, model: str, prompt: list[int], n: int, key: str | None 
 @pytest.mark.vllm
 def test_served_pruned_and_repaired_model_answers_like_transformers(tmp_path):
     pytest.importorskip("vllm")
-    from test_repair import calibration
     from transformers import AutoModelForCausalLM
 
     from shortgpt_deploy.repair import repair_checkpoint

