@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING
 from .calibration import build_calibration, check_text_files, load_documents
 from .checkpoint import output_transaction
 from .errors import OutputExistsError, PlanError, ShortGPTError
-from .files import atomic_write_text
 from .gen import GEN_FIELD, check_gen_source, write_gen_checkpoint
 from .importance import LayerScores, score_iteratively, score_layers
-from .manifest import Manifest
 from .modeling import Checkpoint, cache_dir, decide_add_bos, load_model, resolve_checkpoint, source_add_bos
 from .plan import LayerPlan, check_amount, check_request, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
 from .recipe import GEN_VARIANT, GREEDY_METRIC, QUANTIZED_SUFFIX, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
+from .run import Manifest, RunDir, StageStatus
 from .runtime import third_party_output
-from .stages import LATER_STAGES, STAGE_FUNCTIONS
+from .stages import STAGES, StageContext, run_stage
 from .surgery import prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .analyze import AnalysisResult, AnalysisSettings
     from .budget import BudgetResult
 
 logger = logging.getLogger(__name__)
@@ -271,47 +271,32 @@ def build(
             recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
         )
     if early_log.exists():
-        (result.run_dir / "logs").mkdir(exist_ok=True)
-        shutil.move(early_log, result.run_dir / "logs" / "score.log")
+        RunDir(result.run_dir).logs.mkdir(exist_ok=True)
+        shutil.move(early_log, RunDir(result.run_dir).log("score"))
     if dry_run:
         return result
-    run_dir, manifest = result.run_dir, result.manifest
+    run, manifest = RunDir(result.run_dir), result.manifest
     if choice is not None:
         manifest.inputs["quantize"] = dataclasses.asdict(choice)
-    failed = []
-    for stage in LATER_STAGES:
-        if getattr(recipe, stage) is None:
-            manifest.stages[stage] = "skipped: no section in the recipe"
-            continue
-        logger.info("stage %s", stage)
-        try:
-            with manifest.timed(stage), third_party_output(run_dir / "logs" / f"{stage}.log"):
-                note = STAGE_FUNCTIONS[stage](recipe, run_dir, manifest, progress=progress)
-            manifest.stages[stage] = "complete" + (f" ({note})" if note else "")
-        except ShortGPTError as err:
-            logged = f" (library output: {err.log_path})" if err.log_path else ""
-            logger.error("stage %s failed: %s%s", stage, err, logged)
-            manifest.stages[stage] = f"failed: {err}"
-            failed.append(stage)
-        except BaseException:
-            manifest.stages[stage], manifest.status = "interrupted", "interrupted"
-            raise
-        finally:
-            manifest.save(run_dir / "manifest.json")
+    ctx = StageContext(recipe, run, manifest, progress=progress)
+    for stage in STAGES:
+        manifest.stages[stage.name] = run_stage(stage, ctx)
+        run.save_manifest(manifest)
+    failed = [s.name for s in STAGES if manifest.stages[s.name].state == "failed"]
     manifest.status = "incomplete" if failed else "complete"
-    manifest.stages["report"] = "complete"
-    manifest.save(run_dir / "manifest.json")
+    manifest.stages["report"] = StageStatus("complete")
+    run.save_manifest(manifest)
     try:
-        result.report = write_report(run_dir)
+        result.report = write_report(run.root)
     except (ShortGPTError, OSError) as err:  # the measurements are safe in the run folder; say so and go on
-        logger.error("report not written (`shortgpt-deploy report %s` retries): %s", run_dir, err)
-        manifest.stages["report"] = f"failed: {err}"
-        manifest.save(run_dir / "manifest.json")
+        logger.error("report not written (`shortgpt-deploy report %s` retries): %s", run.root, err)
+        manifest.stages["report"] = StageStatus("failed", str(err))
+        run.save_manifest(manifest)
     if failed:
         raise BuildIncompleteError(
             f"stage(s) {', '.join(failed)} failed (scores, plan and the pruned checkpoint are complete); "
-            + "; ".join(f"{s}: {manifest.stages[s].removeprefix('failed: ').splitlines()[0]}" for s in failed)
-            + f". See {run_dir / 'report.md'}, {run_dir / 'manifest.json'} and {run_dir / 'logs'}/."
+            + "; ".join(f"{s}: {manifest.stages[s].note.splitlines()[0]}" for s in failed)
+            + f". See {run.report}, {run.manifest_path} and {run.logs}/."
         )
     return result
 
@@ -404,9 +389,10 @@ def score_and_prune(
 ) -> BuildResult:
     """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done)."""
     run_dir = Path(out_dir or recipe.output.dir)
-    with output_transaction(run_dir, force=force) as tmp:  # refuses an existing folder before any heavy work
+    with output_transaction(run_dir, force=force) as tmp_dir:  # refuses an existing folder before heavy work
+        tmp = RunDir(tmp_dir)
         manifest = Manifest(inputs={"recipe": recipe.model_dump(mode="json")})
-        (tmp / "recipe.yaml").write_text(recipe_text)
+        tmp.recipe.write_text(recipe_text)
         with manifest.timed("resolve_model"):
             checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
         manifest.inputs["checkpoint"] = {"path": str(checkpoint.path), "kind": checkpoint.kind}
@@ -428,13 +414,13 @@ def score_and_prune(
                 model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs,
                 progress=progress,
             )  # fmt: skip
-            scores.save(tmp / "scores.json")
+            tmp.save_scores(scores)
             if p.budget is not None:
                 with manifest.timed("budget"):
                     budget = _select_budget(
                         model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
                     )
-                atomic_write_text(tmp / "budget.json", json.dumps(budget.to_dict(), indent=2) + "\n")
+                tmp.save_budget(budget.to_dict())
             del model  # surgery streams from disk; free the weights first
         plan = make_plan(
             num_layers=num_layers,
@@ -444,10 +430,10 @@ def score_and_prune(
             layers=p.layers,
             protect=p.protect,
         )
-        plan.save(tmp / "plan.json")
+        tmp.save_plan(plan)
         logger.info("plan: %s", plan.summary())
         if scores is not None:
-            plot_scores(scores, plan, tmp / "bi.png", title=f"{checkpoint.source}: {scores.metric} per layer")
+            plot_scores(scores, plan, tmp.scores_plot, title=f"{checkpoint.source}: {scores.metric} per layer")
         pruned = None
         if not dry_run:
             manifest.variants = {"dense": str(checkpoint.path)}
@@ -456,7 +442,7 @@ def score_and_prune(
                     prune_checkpoint(
                         checkpoint.path,
                         plan,
-                        out_dir=tmp / "pruned",
+                        out_dir=tmp.checkpoint("pruned"),
                         base_model=checkpoint.source,
                         recipe_text=recipe_text,
                         progress=progress,
@@ -465,15 +451,59 @@ def score_and_prune(
             if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
                 with manifest.timed("gen"):
                     write_gen_checkpoint(
-                        checkpoint.path, plan, out_dir=tmp / GEN_VARIANT, rotate_skipped_keys=p.rotate_skipped_keys,
-                        base_model=checkpoint.source,
+                        checkpoint.path, plan, out_dir=tmp.checkpoint(GEN_VARIANT),
+                        rotate_skipped_keys=p.rotate_skipped_keys, base_model=checkpoint.source,
                     )  # fmt: skip
                 manifest.variants[GEN_VARIANT] = GEN_VARIANT
             pruned = run_dir / ("pruned" if "delete" in p.mode else GEN_VARIANT)
-            manifest.stages["prune"] = "complete"
+            manifest.stages["prune"] = StageStatus("complete")
             if checkpoint.notice:
                 for name in manifest.variants.keys() - {"dense"}:
-                    (tmp / name / "NOTICE").write_text(checkpoint.notice + "\n")
+                    (tmp.checkpoint(name) / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
-        manifest.save(tmp / "manifest.json")
+        tmp.save_manifest(manifest)
     return BuildResult(run_dir, scores, plan, pruned, manifest)
+
+
+# ---------------------------------------------------------------------------------------------- analyses
+def orthogonality_checkpoints(model_spec: str, settings: AnalysisSettings, run_dir: Path, *, progress: bool) -> Path:
+    """The paper's Table 2 needs dense, pruned and both GPTQ'd: built here (BI, 25% removed, GPTQ of both) into
+    run_dir, reused when run_dir already has them. The analysis itself (orthogonality.py) only reads the folder."""
+    import yaml
+
+    from .orthogonality import FOUR, run_variants
+    from .recipe import OutputSpec, QuantizeSpec
+
+    have = run_variants(run_dir) or {}
+    if all(v in have for v in FOUR):
+        logger.info("orthogonality: reusing the checkpoints in %s", run_dir)
+        return run_dir
+    recipe = Recipe(
+        name=f"orthogonality-{run_dir.parent.name}",
+        description="Made by `analyze --what orthogonality`: the four checkpoints of the paper's Table 2.",
+        model=ModelSpec(path=model_spec),
+        calibration=settings.calibration,
+        prune=PruneSpec(metric="bi", ratio=0.25, protect=list(settings.protect)),
+        quantize=QuantizeSpec(variants=["dense", "pruned"], samples=32, seq_len=512),
+        output=OutputSpec(dir=run_dir),
+    )
+    text = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    logger.info("orthogonality: building dense/pruned and their GPTQ checkpoints in %s", run_dir)
+    build(recipe, recipe_text=text, force=True, progress=progress)
+    return run_dir
+
+
+def analyze_model(
+    model_spec: str, *, what: str, settings: AnalysisSettings, out_dir: Path | None = None, progress: bool = True
+) -> AnalysisResult:
+    """`shortgpt-deploy analyze`: analyze.run_analysis, except that orthogonality of a model (not a run folder)
+    first builds its four checkpoints in OUT/checkpoints: analyses read run folders, only the pipeline builds."""
+    from .analyze import check_what, default_out_dir, is_run_folder, run_analysis
+    from .orthogonality import check_tasks
+
+    check_what(what)
+    if what == "orthogonality" and not is_run_folder(model_spec):
+        check_tasks(settings)  # an unknown task or missing data fails before minutes of building
+        out_dir = out_dir or default_out_dir(model_spec)
+        model_spec = str(orthogonality_checkpoints(model_spec, settings, out_dir / "checkpoints", progress=progress))
+    return run_analysis(model_spec, what=what, settings=settings, out_dir=out_dir, progress=progress)
