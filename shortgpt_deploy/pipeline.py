@@ -387,7 +387,8 @@ def score_and_prune(
     dry_run: bool = False,
     progress: bool = True,
 ) -> BuildResult:
-    """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done)."""
+    """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done):
+    the two steps that create the folder, before stages.STAGES add to it."""
     run_dir = Path(out_dir or recipe.output.dir)
     with output_transaction(run_dir, force=force) as tmp_dir:  # refuses an existing folder before heavy work
         tmp = RunDir(tmp_dir)
@@ -397,35 +398,11 @@ def score_and_prune(
             checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
         manifest.inputs["checkpoint"] = {"path": str(checkpoint.path), "kind": checkpoint.kind}
         p = recipe.prune
-        num_layers = read_config_layers(checkpoint.path)
-        scores, budget = None, None
-        # An explicit layer list needs no scores: they cost a model load and a pass over the calibration text, so
-        # only prune.plot asks for them (bi.png). A quantized source (the paper's Table 2) cannot be scored
-        # without its quantization kernels, so preflight refuses plot for it.
-        if p.layers is None or p.plot:
-            docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
-            with manifest.timed("load_model"):
-                model, tokenizer = load_model(
-                    checkpoint.path,
-                    dtype=recipe.model.dtype,
-                    trust_remote_code=recipe.model.trust_remote_code,
-                )
-            scores = _calibrate_and_score(
-                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs,
-                progress=progress,
-            )  # fmt: skip
-            tmp.save_scores(scores)
-            if p.budget is not None:
-                with manifest.timed("budget"):
-                    budget = _select_budget(
-                        model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
-                    )
-                tmp.save_budget(budget.to_dict())
-            del model  # surgery streams from disk; free the weights first
+        scores, budget = _score_step(recipe, tmp, manifest, checkpoint, progress=progress)
         plan = make_plan(
-            num_layers=num_layers,
+            num_layers=read_config_layers(checkpoint.path),
             scores=scores,
-            n_remove=budget.n_remove if p.budget is not None else p.n_remove,
+            n_remove=budget.n_remove if budget is not None else p.n_remove,
             ratio=p.ratio,
             layers=p.layers,
             protect=p.protect,
@@ -436,33 +413,70 @@ def score_and_prune(
             plot_scores(scores, plan, tmp.scores_plot, title=f"{checkpoint.source}: {scores.metric} per layer")
         pruned = None
         if not dry_run:
-            manifest.variants = {"dense": str(checkpoint.path)}
-            if "delete" in p.mode:
-                with manifest.timed("surgery"):
-                    prune_checkpoint(
-                        checkpoint.path,
-                        plan,
-                        out_dir=tmp.checkpoint("pruned"),
-                        base_model=checkpoint.source,
-                        recipe_text=recipe_text,
-                        progress=progress,
-                    )
-                manifest.variants["pruned"] = "pruned"
-            if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
-                with manifest.timed("gen"):
-                    write_gen_checkpoint(
-                        checkpoint.path, plan, out_dir=tmp.checkpoint(GEN_VARIANT),
-                        rotate_skipped_keys=p.rotate_skipped_keys, base_model=checkpoint.source,
-                    )  # fmt: skip
-                manifest.variants[GEN_VARIANT] = GEN_VARIANT
+            _prune_step(recipe, tmp, manifest, checkpoint, plan, recipe_text=recipe_text, progress=progress)
             pruned = run_dir / ("pruned" if "delete" in p.mode else GEN_VARIANT)
-            manifest.stages["prune"] = StageStatus("complete")
-            if checkpoint.notice:
-                for name in manifest.variants.keys() - {"dense"}:
-                    (tmp.checkpoint(name) / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
         tmp.save_manifest(manifest)
     return BuildResult(run_dir, scores, plan, pruned, manifest)
+
+
+def _score_step(
+    recipe: Recipe, tmp: RunDir, manifest: Manifest, checkpoint: Checkpoint, *, progress: bool
+) -> tuple[LayerScores | None, BudgetResult | None]:
+    """scores.json (and budget.json when prune.budget chooses the amount), or nothing for an explicit layer list.
+
+    An explicit layer list needs no scores: they cost a model load and a pass over the calibration text, so only
+    prune.plot asks for them (bi.png). A quantized source (the paper's Table 2) cannot be scored without its
+    quantization kernels, so preflight refuses plot for it.
+    """
+    p = recipe.prune
+    if p.layers is not None and not p.plot:
+        return None, None
+    docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
+    with manifest.timed("load_model"):
+        model, tokenizer = load_model(
+            checkpoint.path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+        )
+    scores = _calibrate_and_score(
+        model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs, progress=progress
+    )
+    tmp.save_scores(scores)
+    budget = None
+    if p.budget is not None:
+        with manifest.timed("budget"):
+            budget = _select_budget(
+                model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
+            )
+        tmp.save_budget(budget.to_dict())
+    del model  # surgery streams from disk; free the weights first
+    return scores, budget
+
+
+def _prune_step(
+    recipe: Recipe, tmp: RunDir, manifest: Manifest, checkpoint: Checkpoint, plan: LayerPlan, *, recipe_text: str,
+    progress: bool,
+) -> None:  # fmt: skip
+    """pruned/ (delete) and gen/ (ShortGPT-gen, the same plan, nothing deleted): the recipe's prune.mode."""
+    p = recipe.prune
+    manifest.variants = {"dense": str(checkpoint.path)}
+    if "delete" in p.mode:
+        with manifest.timed("surgery"):
+            prune_checkpoint(
+                checkpoint.path, plan, out_dir=tmp.checkpoint("pruned"), base_model=checkpoint.source,
+                recipe_text=recipe_text, progress=progress,
+            )  # fmt: skip
+        manifest.variants["pruned"] = "pruned"
+    if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
+        with manifest.timed("gen"):
+            write_gen_checkpoint(
+                checkpoint.path, plan, out_dir=tmp.checkpoint(GEN_VARIANT), rotate_skipped_keys=p.rotate_skipped_keys,
+                base_model=checkpoint.source,
+            )  # fmt: skip
+        manifest.variants[GEN_VARIANT] = GEN_VARIANT
+    manifest.stages["prune"] = StageStatus("complete")
+    if checkpoint.notice:
+        for name in manifest.variants.keys() - {"dense"}:
+            (tmp.checkpoint(name) / "NOTICE").write_text(checkpoint.notice + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- analyses

@@ -33,9 +33,6 @@ from .serving_tables import (
 )
 from .surgery import text_config
 
-STAGES = ("score", "prune", "quantize", "eval", "bench")
-
-
 ReportError = RunFolderError  # the name earlier callers catch
 
 
