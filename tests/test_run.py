@@ -212,3 +212,33 @@ def test_analysis_names_cover_the_analyzers():
     from shortgpt_deploy.run import ANALYSES
 
     assert set(ANALYSES) == set(ANALYZERS) | {"orthogonality"} == set(PLOTTERS)
+
+
+def test_orthogonality_of_a_model_is_built_by_the_pipeline_then_analyzed(tmp_path, monkeypatch):
+    """Only pipeline.analyze_model builds; the analysis gets the run folder it built."""
+    from shortgpt_deploy import analyze, orthogonality, pipeline
+
+    calls = []
+    monkeypatch.setattr(orthogonality, "check_tasks", lambda settings: calls.append("tasks") or ("mmlu",))
+
+    def built(model, settings, run_dir, *, progress):
+        calls.append(("build", model, run_dir))
+        return run_dir
+
+    monkeypatch.setattr(pipeline, "orthogonality_checkpoints", built)
+    monkeypatch.setattr(analyze, "run_analysis", lambda model, **kw: calls.append(("analyze", model, kw["out_dir"])))
+    out = tmp_path / "out"
+    pipeline.analyze_model("offline:tiny", what="orthogonality", settings=SimpleNamespace(), out_dir=out)
+    run = out / "checkpoints"
+    assert calls == ["tasks", ("build", "offline:tiny", run), ("analyze", str(run), out)]
+    calls.clear()
+    pipeline.analyze_model("offline:tiny", what="metrics", settings=SimpleNamespace(), out_dir=out)
+    assert calls == [("analyze", "offline:tiny", out)]  # the other analyses load the model themselves
+
+
+def test_the_orthogonality_analysis_wants_a_run_folder(tmp_path, monkeypatch):
+    from shortgpt_deploy import orthogonality
+
+    monkeypatch.setattr(orthogonality, "check_tasks", lambda settings: ("mmlu",))
+    with pytest.raises(orthogonality.OrthogonalityError, match="not a build's run folder; give one with the four"):
+        orthogonality.orthogonality_analysis(str(tmp_path), SimpleNamespace(), progress=False)
