@@ -3,10 +3,12 @@ vLLM benchmark → report.
 
 One function per CLI command. The scored and pruned run folder is built in a temporary folder beside the target
 and renamed into place when complete, so an interrupted or failed run leaves no half-written output. The stages
-after it (quantize, eval, bench: stages.py) each add their own artifact to that folder (`dense-gptq/`, `pruned-gptq/`,
-`quantize.json`, `eval.json`, `bench/`), also written completely or not at all; a stage that fails is recorded in
-manifest.json and the report, the ones after it still run where they can, and the build then fails with a
-message naming every failed stage. Nothing a stage finished is lost.
+after it (stages.STAGES, in order: repair, quantize, eval, bench) each add their own artifact to that folder
+through run.RunDir (`repaired/`, `dense-gptq/`, `quantize.json`, `eval.json`, `bench/`, ...), also written
+completely or not at all; a stage that fails is recorded in manifest.json (a run.StageStatus) and the report, the
+ones after it still run where they can, and the build then fails with a message naming every failed stage.
+Nothing a stage finished is lost. `analyze_model` is the one way an analysis gets a build (orthogonality of a
+model): the analyses themselves only read run folders.
 """
 
 from __future__ import annotations
