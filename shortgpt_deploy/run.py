@@ -118,7 +118,7 @@ class Manifest:
     def from_json(cls, d: dict[str, Any]) -> Manifest:
         """A manifest.json of any version: fields it lacks take empty values, not this machine's (it was not
         built here), and unknown ones are dropped."""
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}  # a null field: its default
         known.setdefault("schema_version", 0)  # written before schema versions
         defaults = {"command": [], "started_at": "", "packages": {}, "git_revision": None, "machine": {},
                     "status": "unknown"}  # fmt: skip

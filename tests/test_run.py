@@ -67,12 +67,12 @@ def test_manifest_round_trip_and_an_old_manifest(tmp_path):
     assert run.model_path() == "offline:tiny"
 
     # written before schema versions and typed statuses; and an unknown field from some other version
-    old = {"status": "incomplete", "stages": {"eval": "failed: no text"}, "inputs": {}, "someday": 1}
+    old = {"status": "incomplete", "stages": {"eval": "failed: no text"}, "inputs": None, "someday": 1}
     run.manifest_path.write_text(json.dumps(old))
     back = run.load_manifest()
     assert back is not None and back.schema_version == 0 and back.status == "incomplete"
     assert back.stages == {"eval": StageStatus("failed", "no text")}
-    assert back.machine == {} and back.git_revision is None  # not this machine's: it was built elsewhere
+    assert back.machine == {} and back.git_revision is None and back.inputs == {}  # not this machine's
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
