@@ -17,7 +17,6 @@ and greedy choices) and the held-out text (everything measured) must differ.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ShortGPTError
 from .manifest import provenance
+from .run import ANALYSES, RunDir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ANALYSES = ("single-layer", "ratio-sweep", "metrics", "orthogonality", "heads")
 TASKS_AT = ("all", "25")
 ORDERS = ("bi", "relative_magnitude", "sequential", "reverse", "angular", "iterative_bi", "ppl_greedy")
 PROTECTION_NOTE = (
@@ -108,15 +107,17 @@ def check_what(what: str) -> str:
 
 
 def is_run_folder(model_spec: str) -> bool:
-    return (Path(model_spec) / "manifest.json").is_file()
+    return RunDir(Path(model_spec)).is_run_folder()
 
 
 def model_of_run(model_spec: str) -> str:
     """A build's run folder stands for its recipe's model (the dense one); anything else is a model spec."""
     if not is_run_folder(model_spec):
         return model_spec
-    manifest = json.loads((Path(model_spec) / "manifest.json").read_text())
-    return manifest["inputs"]["recipe"]["model"]["path"]
+    path = RunDir(Path(model_spec)).model_path()
+    if path is None:
+        raise AnalysisError(f"{model_spec}/manifest.json names no recipe model; give the model itself instead")
+    return path
 
 
 def default_out_dir(model_spec: str) -> Path:
@@ -428,7 +429,7 @@ def run_analysis(
         from .orthogonality import orthogonality_analysis
 
         data = {"analysis": what, "model": model_of_run(model_spec)}
-        data |= orthogonality_analysis(model_spec, settings, out_dir, progress=progress)
+        data |= orthogonality_analysis(model_spec, settings, progress=progress)
         data |= {"duration_s": round(time.perf_counter() - start, 2), "provenance": provenance()}
         return _write(data, out_dir)
     ctx, checkpoint = load_context(model_of_run(model_spec), settings, progress=progress)
@@ -461,12 +462,8 @@ def run_analysis(
 def _write(data: dict[str, Any], out_dir: Path) -> AnalysisResult:
     """out_dir/<analysis>.json and .png (replacing earlier ones; the JSON is written whole or not at all)."""
     from .analyze_plots import PLOTTERS
-    from .files import atomic_write_text
 
     what = data["analysis"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = what.replace("-", "_")
-    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
-    atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
+    json_path, png_path = RunDir(out_dir).save_analysis(what, data)
     PLOTTERS[what](data, png_path)
     return AnalysisResult(json_path, png_path, data)

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import ShortGPTError
+from .run import RunDir
 from .runtime import CONSOLE
 
 app = typer.Typer(
@@ -265,9 +266,9 @@ def build(
         dry_run=dry_run,
         progress=not no_progress,
     )
-    summary_path = result.run_dir / "bench" / "summary.json"
-    if append_markdown is not None and summary_path.is_file():
-        _append_bench_section(append_markdown, json.loads(summary_path.read_text()))
+    run = RunDir(result.run_dir)
+    if append_markdown is not None and (summary := run.load_bench_summary()) is not None:
+        _append_bench_section(append_markdown, summary)
     if as_json:
         print(
             json.dumps(
@@ -277,7 +278,7 @@ def build(
                     "plan": result.plan.to_dict(),
                     # ppl_greedy leaves unreached layers unscored (NaN); JSON has no NaN: null, as in scores.json
                     "scores": [None if v != v else v for v in result.scores.scores] if result.scores else None,
-                    "stages": result.manifest.stages,
+                    "stages": {k: s.to_json() for k, s in result.manifest.stages.items()},
                     "variants": result.manifest.variants,
                     "report": str(result.report) if result.report else None,
                     "timings_s": result.manifest.timings_s,
@@ -291,11 +292,12 @@ def build(
     out.print(result.plan.summary())
     out.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.manifest.timings_s.items()))
     for stage, status in result.manifest.stages.items():
-        out.print(f"  {stage}: {status}")
-    names = ("report.md", "scores.json", "plan.json", "bi.png", "pruned/", "dense-gptq/", "pruned-gptq/", "eval.json")
-    for name in (*names, "bench/summary.json", "manifest.json"):
-        if (result.run_dir / name).exists():
-            out.print(f"  {result.run_dir / name}")
+        out.print(f"  {stage}: {status.text()}")
+    paths = (run.report, run.scores_path, run.plan_path, run.scores_plot, *map(run.checkpoint, ("pruned", "dense-gptq",
+             "pruned-gptq")), run.eval_path, run.bench_summary_path, run.manifest_path)  # fmt: skip
+    for path in paths:
+        if path.exists():
+            out.print(f"  {path}")
 
 
 def _append_bench_section(path: Path, summary: dict[str, Any]) -> None:
@@ -740,8 +742,9 @@ def analyze(
 ) -> None:
     """The ShortGPT paper's analyses, layers removed in memory: WHAT.json (with provenance) and WHAT.png."""
     _setup_logging(verbose)
-    from .analyze import ORDERS, AnalysisSettings, check_what, is_run_folder, run_analysis
+    from .analyze import ORDERS, AnalysisSettings, check_what, is_run_folder
     from .analyze_plots import summary_rows
+    from .pipeline import analyze_model
     from .recipe import CalibrationSpec
     from .runtime import third_party_output
     from .tasks import parse_task_names
@@ -770,11 +773,11 @@ def analyze(
         tasks_at=tasks_at,
     )
     if out_dir is not None or is_run_folder(model):  # beside WHAT.json; else the default folder is decided later
-        log = (out_dir or Path(model) / "logs") / f"analyze-{what}.log"
+        log = (out_dir or RunDir(Path(model)).logs) / f"analyze-{what}.log"
     else:
         log = _cache_log(f"analyze-{what}")
     with third_party_output(log):
-        result = run_analysis(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
+        result = analyze_model(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
     title, headers, rows = summary_rows(result.data)
     table = Table(title=title)
     for h in headers:

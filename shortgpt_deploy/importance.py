@@ -279,6 +279,7 @@ class LayerScores:
 
         try:
             data = json.loads(path.read_text())
+            data.pop("schema_version", None)  # run.RunDir.save_scores writes one; earlier files have none
             data["scores"] = [math.nan if v is None else v for v in data["scores"]]
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as err:

@@ -1,4 +1,5 @@
-"""Provenance for every run folder: what ran, on what, with which versions, how long each stage took."""
+"""Provenance for every run folder: package versions, git revision, machine. The manifest that holds them is
+run.Manifest."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,34 +88,3 @@ def provenance() -> dict[str, Any]:
         "packages": package_versions(),
         "machine": machine(),
     }
-
-
-@dataclass
-class Manifest:
-    command: list[str] = field(default_factory=lambda: list(sys.argv))
-    started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    packages: dict[str, str] = field(default_factory=package_versions)
-    git_revision: str | None = field(default_factory=git_revision)
-    machine: dict[str, Any] = field(default_factory=machine)
-    seeds: dict[str, int] = field(default_factory=dict)
-    timings_s: dict[str, float] = field(default_factory=dict)
-    inputs: dict[str, Any] = field(default_factory=dict)
-    variants: dict[str, str] = field(default_factory=dict)  # checkpoint name → folder (relative: in the run folder)
-    stages: dict[str, str] = field(default_factory=dict)  # stage → complete | skipped | failed: <message>
-    status: str = "running"
-
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings_s[stage] = round(time.perf_counter() - start, 3)
-
-    def save(self, path: Path) -> None:
-        import json
-        from dataclasses import asdict
-
-        from .files import atomic_write_text
-
-        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")

@@ -10,10 +10,10 @@ independent, their costs multiply, so two predictions for pruned-gptq follow fro
 The interaction is observed ÷ predicted; 1.0 means no interaction. The accuracy comparison comes with the standard
 error of the observed accuracy, so a difference smaller than it is not called a finding.
 
-MODEL is either a build's run folder that has the four checkpoints (a recipe whose quantize section names
-variants [dense, pruned], as recipes/default.yaml does), or a model: then `pipeline.build` makes them first in
-OUT/checkpoints (BI, 25% of layers removed, GPTQ of both, with the build's defaults), and that run is reused by
-the next call.
+MODEL is a build's run folder that has the four checkpoints (a recipe whose quantize section names variants
+[dense, pruned], as recipes/default.yaml does). Given a model instead, `shortgpt-deploy analyze` has
+`pipeline.orthogonality_checkpoints` build them first in OUT/checkpoints (BI, 25% of layers removed, GPTQ of both,
+with the build's defaults), reused by the next call; this module only reads run folders (it never builds).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ShortGPTError
+from .run import RunDir
 
 if TYPE_CHECKING:
     from .analyze import AnalysisSettings
@@ -42,37 +43,20 @@ class OrthogonalityError(ShortGPTError):
 def run_variants(run_dir: Path) -> dict[str, Path] | None:
     """The checkpoint folders a build's run folder has, by variant name (as its report finds them); None if it is
     not a run folder."""
-    from .report import load_run, variant_folders
-
-    if not (run_dir / "manifest.json").is_file():
+    run = RunDir(run_dir)
+    if not run.is_run_folder():
         return None
-    return {name: p for name, p in variant_folders(load_run(run_dir)).items() if (p / "config.json").is_file()}
+    return {name: p for name, p in run.variant_folders().items() if (p / "config.json").is_file()}
 
 
-def build_variants(model_spec: str, settings: AnalysisSettings, run_dir: Path, *, progress: bool) -> Path:
-    """The four checkpoints of a model, by the build pipeline (reused when run_dir already has them)."""
-    import yaml
+def check_tasks(settings: AnalysisSettings) -> tuple[str, ...]:
+    """The tasks to measure; an unknown one or missing data fails before anything is built or loaded."""
+    from .tasks import load_task
 
-    from .pipeline import build
-    from .recipe import ModelSpec, OutputSpec, PruneSpec, QuantizeSpec, Recipe
-
-    have = run_variants(run_dir) or {}
-    if all(v in have for v in FOUR):
-        logger.info("orthogonality: reusing the checkpoints in %s", run_dir)
-        return run_dir
-    recipe = Recipe(
-        name=f"orthogonality-{run_dir.parent.name}",
-        description="Made by `analyze --what orthogonality`: the four checkpoints of the paper's Table 2.",
-        model=ModelSpec(path=model_spec),
-        calibration=settings.calibration,
-        prune=PruneSpec(metric="bi", ratio=0.25, protect=list(settings.protect)),
-        quantize=QuantizeSpec(variants=["dense", "pruned"], samples=32, seq_len=512),
-        output=OutputSpec(dir=run_dir),
-    )
-    text = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
-    logger.info("orthogonality: building dense/pruned and their GPTQ checkpoints in %s", run_dir)
-    build(recipe, recipe_text=text, force=True, progress=progress)
-    return run_dir
+    tasks = settings.tasks or DEFAULT_TASKS
+    for name in tasks:
+        load_task(name, limit=settings.limit, shots=settings.shots)
+    return tasks
 
 
 def orthogonality_table(evaluated: dict[str, Any], compressed: str = "pruned") -> dict[str, Any]:
@@ -140,22 +124,19 @@ def verdict(
     return f"{ppl_part}; {acc_part}."
 
 
-def orthogonality_analysis(
-    model_spec: str, settings: AnalysisSettings, out_dir: Path, *, progress: bool
-) -> dict[str, Any]:
-    """Measure the four checkpoints (building them first when MODEL is not a run folder that has them)."""
+def orthogonality_analysis(model_spec: str, settings: AnalysisSettings, *, progress: bool) -> dict[str, Any]:
+    """Measure the four checkpoints of a build's run folder (pipeline.orthogonality_checkpoints makes them from a
+    model)."""
     from .evaluate import evaluate_variants
-    from .tasks import load_task
 
-    tasks = settings.tasks or DEFAULT_TASKS
-    for name in tasks:  # an unknown task or missing data fails before anything is built or loaded
-        load_task(name, limit=settings.limit, shots=settings.shots)
-    given = Path(model_spec)
-    variants = run_variants(given)
-    run_dir = given
+    tasks = check_tasks(settings)
+    run_dir = Path(model_spec)
+    variants = run_variants(run_dir)
     if variants is None:
-        run_dir = build_variants(model_spec, settings, out_dir / "checkpoints", progress=progress)
-        variants = run_variants(run_dir) or {}
+        raise OrthogonalityError(
+            f"{run_dir} is not a build's run folder; give one with the four checkpoints, or the model itself to "
+            "`shortgpt-deploy analyze` (pipeline.analyze_model builds them first)"
+        )
     missing = [v for v in FOUR if v not in variants]
     if missing:
         raise OrthogonalityError(

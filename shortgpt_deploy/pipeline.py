@@ -3,10 +3,12 @@ vLLM benchmark → report.
 
 One function per CLI command. The scored and pruned run folder is built in a temporary folder beside the target
 and renamed into place when complete, so an interrupted or failed run leaves no half-written output. The stages
-after it (quantize, eval, bench: stages.py) each add their own artifact to that folder (`dense-gptq/`, `pruned-gptq/`,
-`quantize.json`, `eval.json`, `bench/`), also written completely or not at all; a stage that fails is recorded in
-manifest.json and the report, the ones after it still run where they can, and the build then fails with a
-message naming every failed stage. Nothing a stage finished is lost.
+after it (stages.STAGES, in order: repair, quantize, eval, bench) each add their own artifact to that folder
+through run.RunDir (`repaired/`, `dense-gptq/`, `quantize.json`, `eval.json`, `bench/`, ...), also written
+completely or not at all; a stage that fails is recorded in manifest.json (a run.StageStatus) and the report, the
+ones after it still run where they can, and the build then fails with a message naming every failed stage.
+Nothing a stage finished is lost. `analyze_model` is the one way an analysis gets a build (orthogonality of a
+model): the analyses themselves only read run folders.
 """
 
 from __future__ import annotations
@@ -22,23 +24,23 @@ from typing import TYPE_CHECKING
 from .calibration import build_calibration, load_documents
 from .checkpoint import output_transaction
 from .errors import OutputExistsError, PlanError, ShortGPTError
-from .files import atomic_write_text
 from .gen import GEN_FIELD, check_gen_source, write_gen_checkpoint
 from .importance import LayerScores, score_iteratively, score_layers
-from .manifest import Manifest
 from .modeling import Checkpoint, cache_dir, decide_add_bos, load_model, resolve_checkpoint, source_add_bos
 from .plan import LayerPlan, check_amount, make_plan, n_from_ratio, normalize_protected
 from .plots import plot_scores
 from .preflight import QuantizeChoice, preflight  # noqa: F401  (QuantizeChoice: what preflight settles)
 from .recipe import GEN_VARIANT, GREEDY_METRIC, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
+from .run import Manifest, RunDir, StageStatus
 from .runtime import third_party_output
-from .stages import LATER_STAGES, STAGE_FUNCTIONS
+from .stages import STAGES, StageContext, run_stage
 from .surgery import prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .analyze import AnalysisResult, AnalysisSettings
     from .budget import BudgetResult
 
 logger = logging.getLogger(__name__)
@@ -266,47 +268,32 @@ def build(
             recipe, recipe_text=recipe_text, out_dir=out_dir, force=force, dry_run=dry_run, progress=progress
         )
     if early_log.exists():
-        (result.run_dir / "logs").mkdir(exist_ok=True)
-        shutil.move(early_log, result.run_dir / "logs" / "score.log")
+        RunDir(result.run_dir).logs.mkdir(exist_ok=True)
+        shutil.move(early_log, RunDir(result.run_dir).log("score"))
     if dry_run:
         return result
-    run_dir, manifest = result.run_dir, result.manifest
+    run, manifest = RunDir(result.run_dir), result.manifest
     if choice is not None:
         manifest.inputs["quantize"] = dataclasses.asdict(choice)
-    failed = []
-    for stage in LATER_STAGES:
-        if getattr(recipe, stage) is None:
-            manifest.stages[stage] = "skipped: no section in the recipe"
-            continue
-        logger.info("stage %s", stage)
-        try:
-            with manifest.timed(stage), third_party_output(run_dir / "logs" / f"{stage}.log"):
-                note = STAGE_FUNCTIONS[stage](recipe, run_dir, manifest, progress=progress)
-            manifest.stages[stage] = "complete" + (f" ({note})" if note else "")
-        except ShortGPTError as err:
-            logged = f" (library output: {err.log_path})" if err.log_path else ""
-            logger.error("stage %s failed: %s%s", stage, err, logged)
-            manifest.stages[stage] = f"failed: {err}"
-            failed.append(stage)
-        except BaseException:
-            manifest.stages[stage], manifest.status = "interrupted", "interrupted"
-            raise
-        finally:
-            manifest.save(run_dir / "manifest.json")
+    ctx = StageContext(recipe, run, manifest, progress=progress)
+    for stage in STAGES:
+        manifest.stages[stage.name] = run_stage(stage, ctx)
+        run.save_manifest(manifest)
+    failed = [s.name for s in STAGES if manifest.stages[s.name].state == "failed"]
     manifest.status = "incomplete" if failed else "complete"
-    manifest.stages["report"] = "complete"
-    manifest.save(run_dir / "manifest.json")
+    manifest.stages["report"] = StageStatus("complete")
+    run.save_manifest(manifest)
     try:
-        result.report = write_report(run_dir)
+        result.report = write_report(run.root)
     except (ShortGPTError, OSError) as err:  # the measurements are safe in the run folder; say so and go on
-        logger.error("report not written (`shortgpt-deploy report %s` retries): %s", run_dir, err)
-        manifest.stages["report"] = f"failed: {err}"
-        manifest.save(run_dir / "manifest.json")
+        logger.error("report not written (`shortgpt-deploy report %s` retries): %s", run.root, err)
+        manifest.stages["report"] = StageStatus("failed", str(err))
+        run.save_manifest(manifest)
     if failed:
         raise BuildIncompleteError(
             f"stage(s) {', '.join(failed)} failed (scores, plan and the pruned checkpoint are complete); "
-            + "; ".join(f"{s}: {manifest.stages[s].removeprefix('failed: ').splitlines()[0]}" for s in failed)
-            + f". See {run_dir / 'report.md'}, {run_dir / 'manifest.json'} and {run_dir / 'logs'}/."
+            + "; ".join(f"{s}: {manifest.stages[s].note.splitlines()[0]}" for s in failed)
+            + f". See {run.report}, {run.manifest_path} and {run.logs}/."
         )
     return result
 
@@ -320,78 +307,137 @@ def score_and_prune(
     dry_run: bool = False,
     progress: bool = True,
 ) -> BuildResult:
-    """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done)."""
+    """score → plan → prune, into a new run folder with provenance and a plot (renamed into place when done):
+    the two steps that create the folder, before stages.STAGES add to it."""
     run_dir = Path(out_dir or recipe.output.dir)
-    with output_transaction(run_dir, force=force) as tmp:  # refuses an existing folder before any heavy work
+    with output_transaction(run_dir, force=force) as tmp_dir:  # refuses an existing folder before heavy work
+        tmp = RunDir(tmp_dir)
         manifest = Manifest(inputs={"recipe": recipe.model_dump(mode="json")})
-        (tmp / "recipe.yaml").write_text(recipe_text)
+        tmp.recipe.write_text(recipe_text)
         with manifest.timed("resolve_model"):
             checkpoint = resolve_checkpoint(recipe.model.path, revision=recipe.model.revision)
         manifest.inputs["checkpoint"] = {"path": str(checkpoint.path), "kind": checkpoint.kind}
         p = recipe.prune
-        num_layers = read_config_layers(checkpoint.path)
-        scores, budget = None, None
-        # An explicit layer list needs no scores: they cost a model load and a pass over the calibration text, so
-        # only prune.plot asks for them (bi.png). A quantized source (the paper's Table 2) cannot be scored
-        # without its quantization kernels, so preflight refuses plot for it.
-        if p.layers is None or p.plot:
-            docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
-            with manifest.timed("load_model"):
-                model, tokenizer = load_model(
-                    checkpoint.path,
-                    dtype=recipe.model.dtype,
-                    trust_remote_code=recipe.model.trust_remote_code,
-                )
-            scores = _calibrate_and_score(
-                model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs,
-                progress=progress,
-            )  # fmt: skip
-            scores.save(tmp / "scores.json")
-            if p.budget is not None:
-                with manifest.timed("budget"):
-                    budget = _select_budget(
-                        model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
-                    )
-                atomic_write_text(tmp / "budget.json", json.dumps(budget.to_dict(), indent=2) + "\n")
-            del model  # surgery streams from disk; free the weights first
+        scores, budget = _score_step(recipe, tmp, manifest, checkpoint, progress=progress)
         plan = make_plan(
-            num_layers=num_layers,
+            num_layers=read_config_layers(checkpoint.path),
             scores=scores,
-            n_remove=budget.n_remove if p.budget is not None else p.n_remove,
+            n_remove=budget.n_remove if budget is not None else p.n_remove,
             ratio=p.ratio,
             layers=p.layers,
             protect=p.protect,
         )
-        plan.save(tmp / "plan.json")
+        tmp.save_plan(plan)
         logger.info("plan: %s", plan.summary())
         if scores is not None:
-            plot_scores(scores, plan, tmp / "bi.png", title=f"{checkpoint.source}: {scores.metric} per layer")
+            plot_scores(scores, plan, tmp.scores_plot, title=f"{checkpoint.source}: {scores.metric} per layer")
         pruned = None
         if not dry_run:
-            manifest.variants = {"dense": str(checkpoint.path)}
-            if "delete" in p.mode:
-                with manifest.timed("surgery"):
-                    prune_checkpoint(
-                        checkpoint.path,
-                        plan,
-                        out_dir=tmp / "pruned",
-                        base_model=checkpoint.source,
-                        recipe_text=recipe_text,
-                        progress=progress,
-                    )
-                manifest.variants["pruned"] = "pruned"
-            if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
-                with manifest.timed("gen"):
-                    write_gen_checkpoint(
-                        checkpoint.path, plan, out_dir=tmp / GEN_VARIANT, rotate_skipped_keys=p.rotate_skipped_keys,
-                        base_model=checkpoint.source,
-                    )  # fmt: skip
-                manifest.variants[GEN_VARIANT] = GEN_VARIANT
+            _prune_step(recipe, tmp, manifest, checkpoint, plan, recipe_text=recipe_text, progress=progress)
             pruned = run_dir / ("pruned" if "delete" in p.mode else GEN_VARIANT)
-            manifest.stages["prune"] = "complete"
-            if checkpoint.notice:
-                for name in manifest.variants.keys() - {"dense"}:
-                    (tmp / name / "NOTICE").write_text(checkpoint.notice + "\n")
         manifest.status = "dry-run" if dry_run else "complete"
-        manifest.save(tmp / "manifest.json")
+        tmp.save_manifest(manifest)
     return BuildResult(run_dir, scores, plan, pruned, manifest)
+
+
+def _score_step(
+    recipe: Recipe, tmp: RunDir, manifest: Manifest, checkpoint: Checkpoint, *, progress: bool
+) -> tuple[LayerScores | None, BudgetResult | None]:
+    """scores.json (and budget.json when prune.budget chooses the amount), or nothing for an explicit layer list.
+
+    An explicit layer list needs no scores: they cost a model load and a pass over the calibration text, so only
+    prune.plot asks for them (bi.png). A quantized source (the paper's Table 2) cannot be scored without its
+    quantization kernels, so preflight refuses plot for it.
+    """
+    p = recipe.prune
+    if p.layers is not None and not p.plot:
+        return None, None
+    docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
+    with manifest.timed("load_model"):
+        model, tokenizer = load_model(
+            checkpoint.path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+        )
+    scores = _calibrate_and_score(
+        model, tokenizer, checkpoint, recipe.model, recipe.calibration, p, manifest, docs=docs, progress=progress
+    )
+    tmp.save_scores(scores)
+    budget = None
+    if p.budget is not None:
+        with manifest.timed("budget"):
+            budget = _select_budget(
+                model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
+            )
+        tmp.save_budget(budget.to_dict())
+    del model  # surgery streams from disk; free the weights first
+    return scores, budget
+
+
+def _prune_step(
+    recipe: Recipe, tmp: RunDir, manifest: Manifest, checkpoint: Checkpoint, plan: LayerPlan, *, recipe_text: str,
+    progress: bool,
+) -> None:  # fmt: skip
+    """pruned/ (delete) and gen/ (ShortGPT-gen, the same plan, nothing deleted): the recipe's prune.mode."""
+    p = recipe.prune
+    manifest.variants = {"dense": str(checkpoint.path)}
+    if "delete" in p.mode:
+        with manifest.timed("surgery"):
+            prune_checkpoint(
+                checkpoint.path, plan, out_dir=tmp.checkpoint("pruned"), base_model=checkpoint.source,
+                recipe_text=recipe_text, progress=progress,
+            )  # fmt: skip
+        manifest.variants["pruned"] = "pruned"
+    if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
+        with manifest.timed("gen"):
+            write_gen_checkpoint(
+                checkpoint.path, plan, out_dir=tmp.checkpoint(GEN_VARIANT), rotate_skipped_keys=p.rotate_skipped_keys,
+                base_model=checkpoint.source,
+            )  # fmt: skip
+        manifest.variants[GEN_VARIANT] = GEN_VARIANT
+    manifest.stages["prune"] = StageStatus("complete")
+    if checkpoint.notice:
+        for name in manifest.variants.keys() - {"dense"}:
+            (tmp.checkpoint(name) / "NOTICE").write_text(checkpoint.notice + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- analyses
+def orthogonality_checkpoints(model_spec: str, settings: AnalysisSettings, run_dir: Path, *, progress: bool) -> Path:
+    """The paper's Table 2 needs dense, pruned and both GPTQ'd: built here (BI, 25% removed, GPTQ of both) into
+    run_dir, reused when run_dir already has them. The analysis itself (orthogonality.py) only reads the folder."""
+    import yaml
+
+    from .orthogonality import FOUR, run_variants
+    from .recipe import OutputSpec, QuantizeSpec
+
+    have = run_variants(run_dir) or {}
+    if all(v in have for v in FOUR):
+        logger.info("orthogonality: reusing the checkpoints in %s", run_dir)
+        return run_dir
+    recipe = Recipe(
+        name=f"orthogonality-{run_dir.parent.name}",
+        description="Made by `analyze --what orthogonality`: the four checkpoints of the paper's Table 2.",
+        model=ModelSpec(path=model_spec),
+        calibration=settings.calibration,
+        prune=PruneSpec(metric="bi", ratio=0.25, protect=list(settings.protect)),
+        quantize=QuantizeSpec(variants=["dense", "pruned"], samples=32, seq_len=512),
+        output=OutputSpec(dir=run_dir),
+    )
+    text = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    logger.info("orthogonality: building dense/pruned and their GPTQ checkpoints in %s", run_dir)
+    build(recipe, recipe_text=text, force=True, progress=progress)
+    return run_dir
+
+
+def analyze_model(
+    model_spec: str, *, what: str, settings: AnalysisSettings, out_dir: Path | None = None, progress: bool = True
+) -> AnalysisResult:
+    """`shortgpt-deploy analyze`: analyze.run_analysis, except that orthogonality of a model (not a run folder)
+    first builds its four checkpoints in OUT/checkpoints: analyses read run folders, only the pipeline builds."""
+    from .analyze import check_what, default_out_dir, is_run_folder, run_analysis
+    from .orthogonality import check_tasks
+
+    check_what(what)
+    if what == "orthogonality" and not is_run_folder(model_spec):
+        check_tasks(settings)  # an unknown task or missing data fails before minutes of building
+        out_dir = out_dir or default_out_dir(model_spec)
+        model_spec = str(orthogonality_checkpoints(model_spec, settings, out_dir / "checkpoints", progress=progress))
+    return run_analysis(model_spec, what=what, settings=settings, out_dir=out_dir, progress=progress)

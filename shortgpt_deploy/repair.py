@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REPAIR_FILE",
-    "REPAIR_RESULT",
     "GapRepair",
     "RepairError",
     "RepairOptions",
@@ -52,7 +51,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REPAIR_FILE = "shortgpt_repair.json"  # what was fitted travels with the checkpoint, like the plan
-REPAIR_RESULT = "repair.json"  # the same, in a build's run folder
 METHOD_TITLES = {
     "linear": "linear (ReplaceMe, arXiv 2505.02819)",
     "scale": "scale (after Prune&Comp, arXiv 2507.18212)",

@@ -10,7 +10,6 @@ be rewritten for any run folder at any time.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from .files import atomic_write_text
 from .plan import LayerPlan
 from .plots import plot_latency, plot_throughput
 from .recipe import QUANTIZED_SUFFIX, VARIANTS  # a quantized variant is compared with its float parent
+from .run import ANALYSES, Manifest, RunDir, RunFolderError, StageStatus, read_json
 from .serving_tables import (
     bench_context,
     describe_machine,
@@ -33,20 +33,17 @@ from .serving_tables import (
     verdicts,
 )
 
-STAGES = ("score", "prune", "quantize", "eval", "bench")
-
-
-class ReportError(ShortGPTError):
-    """A folder that is not a run folder, or an artifact in it that cannot be read."""
+ReportError = RunFolderError  # the name earlier callers catch
 
 
 # ---------------------------------------------------------------------------------------------- the run folder
 @dataclass(frozen=True)
 class RunFolder:
-    """What the stages left in a run folder; each artifact None (or empty) when its stage did not write it."""
+    """What the stages left in a run folder (read through run.RunDir); each artifact None (or empty) when its
+    stage did not write it."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     plan: LayerPlan | None
     scores: dict[str, Any] | None
     quantize: dict[str, Any]
@@ -56,63 +53,55 @@ class RunFolder:
     budget: dict[str, Any] | None = None
     repair: dict[str, Any] | None = None
 
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ReportError(f"cannot read {path}: {err}; re-run the stage that writes it, or delete it") from None
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.path)
 
 
 def load_run(run_dir: Path) -> RunFolder:
-    run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").is_file() and not (run_dir / "plan.json").is_file():
-        what = "does not exist" if not run_dir.exists() else "has no manifest.json or plan.json"
-        raise ReportError(
-            f"{run_dir} is not a run folder: it {what}; run `shortgpt-deploy build RECIPE` first, or give the "
-            "folder it wrote (the recipe's output.dir)"
-        )
+    run = RunDir(run_dir).require()
     return RunFolder(
-        path=run_dir,
-        manifest=_read_json(run_dir / "manifest.json") or {},
-        plan=LayerPlan.load(run_dir / "plan.json") if (run_dir / "plan.json").is_file() else None,
-        scores=_read_json(run_dir / "scores.json"),
-        quantize=_read_json(run_dir / "quantize.json") or {},
-        evaluation=_read_json(run_dir / "eval.json"),
-        summary=_read_json(run_dir / "bench" / "summary.json"),
-        runs=_read_json(run_dir / "bench" / "runs.json") or [],
-        budget=_read_json(run_dir / "budget.json"),
-        repair=_read_json(run_dir / "repair.json"),
+        path=run.root,
+        manifest=run.load_manifest() or Manifest.from_json({}),
+        plan=run.load_plan(),
+        scores=read_json(run.scores_path),  # as a dict: the report shows old files' fields as they are
+        quantize=run.load_quantize(),
+        evaluation=run.load_eval(),
+        summary=run.load_bench_summary(),
+        runs=run.load_bench_runs(),
+        budget=run.load_budget(),
+        repair=read_json(run.repair_path),
     )
 
 
-def stage_status(run: RunFolder) -> dict[str, str]:
+def stage_status(run: RunFolder) -> dict[str, StageStatus]:
     """Each stage's status as the manifest records it, else as the artifacts in the folder show it."""
-    dry_run = run.manifest.get("status") == "dry-run"
+    dry_run = run.manifest.status == "dry-run"
+    done, not_run = StageStatus("complete"), StageStatus("not run")
+    explicit = run.plan is not None and run.plan.metric == "explicit"
     inferred = {
-        "score": "complete" if run.scores else "skipped" if run.plan and run.plan.metric == "explicit" else "not run",
-        "prune": "complete" if (run.path / "pruned").is_dir() else "skipped (dry run)" if dry_run else "not run",
-        "repair": "complete" if run.repair else "not run",
-        "quantize": "complete" if run.quantize else "not run",
-        "eval": "complete" if run.evaluation else "not run",
-        "bench": "complete" if run.summary else "not run",
-    }
-    return {**inferred, **(run.manifest.get("stages") or {})}
+        "score": done if run.scores else StageStatus("skipped") if explicit else not_run,
+        "prune": done if run.dir.checkpoint("pruned").is_dir() else StageStatus("skipped", "dry run") if dry_run
+        else not_run,
+        "repair": done if run.repair else not_run,
+        "quantize": done if run.quantize else not_run,
+        "eval": done if run.evaluation else not_run,
+        "bench": done if run.summary else not_run,
+    }  # fmt: skip
+    return {**inferred, **run.manifest.stages}
 
 
-def _absent(stage: str, status: str) -> str:
+def _absent(stage: str, status: StageStatus) -> str:
     """The one line that stands in for a section whose stage did not leave its artifact."""
-    if status.startswith("failed"):
-        return f"_The {stage} stage failed: {status.partition(':')[2].strip() or 'no message recorded'}._"
-    if status.startswith("complete"):
+    if status.state == "failed":
+        return f"_The {stage} stage failed: {status.note or 'no message recorded'}._"
+    if status.ok:
         return f"_The {stage} stage completed, but its output is missing from this folder._"
-    return f"_The {stage} stage was {status}._"
+    return f"_The {stage} stage was {status.text()}._"
 
 
 def _model_name(run: RunFolder) -> str:
-    inputs = run.manifest.get("inputs") or {}
+    inputs = run.manifest.inputs
     return (
         ((inputs.get("recipe") or {}).get("model") or {}).get("path")
         or (run.scores or {}).get("model")
@@ -121,9 +110,9 @@ def _model_name(run: RunFolder) -> str:
     )
 
 
-def header_section(run: RunFolder, status: dict[str, str]) -> str:
+def header_section(run: RunFolder, status: dict[str, StageStatus]) -> str:
     m, p = run.manifest, run.plan
-    name = ((m.get("inputs") or {}).get("recipe") or {}).get("name") or run.path.name
+    name = (m.inputs.get("recipe") or {}).get("name") or run.path.name
     what = f"{_model_name(run)}: no plan.json, so no layers were chosen."
     if p is not None:
         what = (
@@ -131,17 +120,17 @@ def header_section(run: RunFolder, status: dict[str, str]) -> str:
             f"({', '.join(map(str, sorted(p.remove)))}) → {p.num_layers_after} layers."
         )
     built = (
-        f"Built {m.get('started_at', 'on an unknown date')} on {describe_machine(m.get('machine') or {})}, "
-        f"git revision {m.get('git_revision') or 'unknown'}; run status: {m.get('status', 'unknown')}."
+        f"Built {m.started_at or 'on an unknown date'} on {describe_machine(m.machine)}, "
+        f"git revision {m.git_revision or 'unknown'}; run status: {m.status}."
     )
-    table = markdown_table(["stage", "status"], [[s, st] for s, st in status.items()])
-    timings = ", ".join(f"{k} {v:.1f} s" for k, v in (m.get("timings_s") or {}).items())
+    table = markdown_table(["stage", "status"], [[s, st.text()] for s, st in status.items()])
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in m.timings_s.items())
     return f"# Run report: {name}\n\n{what} {built}\n\n{table}\n\nTimings: {timings or 'none recorded'}."
 
 
-def scores_section(run: RunFolder, status: dict[str, str]) -> str:
+def scores_section(run: RunFolder, status: dict[str, StageStatus]) -> str:
     out = ["## Layer scores"]
-    if (run.path / "bi.png").is_file():
+    if run.dir.scores_plot.is_file():
         out.append("![Score per layer: removed layers in red, protected ones hatched](bi.png)")
     if run.scores:
         c = run.scores.get("calibration") or {}
@@ -215,15 +204,8 @@ class VariantInfo:
 
 
 def variant_folders(run: RunFolder) -> dict[str, Path]:
-    """Variant name → checkpoint folder: the manifest's `variants`, else the dense source, pruned/ and quantize.json."""
-    found: dict[str, str | Path] = {}
-    if src := ((run.manifest.get("inputs") or {}).get("checkpoint") or {}).get("path"):
-        found["dense"] = src
-    if (run.path / "pruned").is_dir():
-        found["pruned"] = run.path / "pruned"
-    found |= {name: q["out_dir"] for name, q in run.quantize.items() if q.get("out_dir")}
-    found |= run.manifest.get("variants") or {}
-    return {name: run.path / p for name, p in found.items()}  # an absolute p stays as it is
+    """Variant name → checkpoint folder (run.RunDir.variant_folders)."""
+    return run.dir.variant_folders(run.manifest)
 
 
 def weight_bytes(folder: Path) -> int | None:
@@ -232,7 +214,7 @@ def weight_bytes(folder: Path) -> int | None:
 
 
 def _layers(folder: Path | None, name: str, plan: LayerPlan | None) -> int | None:
-    if folder and (config := _read_json(folder / "config.json")):
+    if folder and (config := read_json(folder / "config.json")):
         with contextlib.suppress(ShortGPTError):  # a config without a layer count: fall back to the plan
             return text_config(config)["num_hidden_layers"]
     if plan is None:
@@ -275,7 +257,7 @@ def _scheme(q: dict[str, Any] | None) -> str:
     return f"{q.get('scheme')}, {q.get('bits')}-bit, group {q.get('group_size')}, {took} s ({q.get('producer', '?')})"
 
 
-def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
+def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, StageStatus]) -> str:
     """The ShortGPT paper's Table 2 shape: perplexity and weight bytes per variant, each as a ratio to dense."""
     out = ["## Quality and size"]
     if not infos:
@@ -342,7 +324,7 @@ def accuracy_lines(e: dict[str, Any]) -> list[str]:
     ]
 
 
-def gen_section(run: RunFolder, status: dict[str, str]) -> str:
+def gen_section(run: RunFolder, status: dict[str, StageStatus]) -> str:
     """ShortGPT-gen beside the others: prompted perplexity (the only one a gen model has) and greedy agreement."""
     e = run.evaluation or {}
     prompted = e.get("prompted_perplexity") or {}
@@ -388,9 +370,9 @@ def _gen_serving(summary: dict[str, Any] | None, gen_variants: list[str]) -> lis
 
 
 # ---------------------------------------------------------------------------------------------- serving
-def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
+def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, StageStatus]) -> str:
     """How the pruned model was repaired (repair.json), and what it bought: pruned → repaired, beside dense."""
-    if run.repair is None and status.get("repair", "not run").startswith(("not run", "skipped")):
+    if run.repair is None and status.get("repair", StageStatus("not run")).state in ("not run", "skipped"):
         return ""
     out = ["## Repair"]
     if run.repair is None:
@@ -400,9 +382,7 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
     try:
         r = RepairResult.from_dict(run.repair)
     except (KeyError, TypeError) as err:
-        raise ReportError(
-            f"{run.path / 'repair.json'} is not a repair.json written by shortgpt-deploy: {err}"
-        ) from None
+        raise ReportError(f"{run.dir.repair_path} is not a repair.json written by shortgpt-deploy: {err}") from None
     out.append(
         f"{' then '.join(r.methods)}, fitted on {r.tokens} tokens of {r.data.get('source', '?')} in "
         f"{r.time_s:.1f} s and folded into the weights: `repaired/` has the pruned checkpoint's tensor names and "
@@ -427,13 +407,13 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
     return "\n\n".join(out)
 
 
-def serving_section(run: RunFolder, status: dict[str, str], plots: bool) -> str:
+def serving_section(run: RunFolder, status: dict[str, StageStatus], plots: bool) -> str:
     """The bench table, plots and verdicts; quantized ÷ float speed, paired by repeat, is in quantization_section."""
     out = ["## Serving (vLLM `bench serve`)"]
     s = run.summary
     if not s:
         return "\n\n".join([*out, _absent("bench", status["bench"]), *_failed_runs(run.runs)])
-    if status["bench"].startswith("failed"):
+    if status["bench"].state == "failed":
         out.append(_absent("bench", status["bench"]) + " What did run is below.")
     out += ["\n".join(bench_context(s)), markdown_table(*summary_rows(s))]
     if plots:
@@ -470,13 +450,13 @@ def _gains(q: VariantInfo, p: VariantInfo, agreement: dict[str, Any] | None) -> 
     return f"**{q.name} vs {p.name}**: " + ("; ".join(parts) or "no size or quality measured") + "."
 
 
-def quantization_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, str]) -> str:
+def quantization_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, StageStatus]) -> str:
     """In words, per quantized variant against its float parent: bytes saved, quality lost, speed gained or not."""
     out = ["## What quantization buys"]
-    if not status["quantize"].startswith("complete"):
+    if not status["quantize"].ok:
         out.append(_absent("quantize", status["quantize"]))
-    elif "quality only" in status["quantize"]:  # quantized for a GPU because this machine's vLLM cannot serve it
-        out.append(f"Quantize stage: {status['quantize'].removeprefix('complete').strip(' ()')}.")
+    elif status["quantize"].servable is False:  # quantized for a GPU because this machine's vLLM cannot serve it
+        out.append(f"Quantize stage: {status['quantize'].note}.")
     pairs = [
         (q, infos[p]) for q in infos.values() if (p := q.name.removesuffix(QUANTIZED_SUFFIX)) != q.name and p in infos
     ]
@@ -502,15 +482,13 @@ def _measured(summary: dict[str, Any] | None) -> bool:
 
 def analyses_section(run_dir: Path) -> str:
     """The paper's analyses that `analyze RUN_DIR --what ...` wrote into the run folder, each with its plot."""
-    from .analyze import ANALYSES
     from .analyze_plots import markdown_section
 
-    parts = []
+    run, parts = RunDir(run_dir), []
     for what in ANALYSES:
-        stem = what.replace("-", "_")
-        data = _read_json(run_dir / f"{stem}.json")
+        data = run.load_analysis(what)
         if data is not None:
-            parts.append(markdown_section(data, f"{stem}.png"))
+            parts.append(markdown_section(data, run.analysis_paths(what)[1].name))
     if not parts:
         return "## Analyses\n\nNone yet: `shortgpt-deploy analyze RUN_DIR --what WHAT` adds them here."
     return "## Analyses\n\n" + "\n\n".join(parts)
@@ -521,9 +499,9 @@ def write_report(run_dir: Path) -> Path:
     run = load_run(Path(run_dir))
     status, infos, plots = stage_status(run), variant_infos(run), _measured(run.summary)
     if plots:
-        (run.path / "plots").mkdir(exist_ok=True)
-        plot_throughput(run.summary, run.path / "plots" / "throughput.png")  # type: ignore[arg-type]
-        plot_latency(run.summary, run.path / "plots" / "latency.png")  # type: ignore[arg-type]
+        run.dir.plots.mkdir(exist_ok=True)
+        plot_throughput(run.summary, run.dir.plots / "throughput.png")  # type: ignore[arg-type]
+        plot_latency(run.summary, run.dir.plots / "latency.png")  # type: ignore[arg-type]
     sections = [
         header_section(run, status),
         scores_section(run, status),
@@ -534,6 +512,6 @@ def write_report(run_dir: Path) -> Path:
         quantization_section(run, infos, status),
         analyses_section(run.path),
     ]
-    path = run.path / "report.md"
+    path = run.dir.report
     atomic_write_text(path, "\n\n".join(x for x in sections if x) + "\n")
     return path

@@ -128,7 +128,7 @@ def test_build_writes_a_log_per_stage(tmp_path, ckpt, words):
     for name in ("score.log", "eval.log"):
         assert "Loading weights" in (logs / name).read_text(), name
     assert not list(Path(os.environ["SHORTGPT_CACHE"], "logs").glob("run-score.log"))  # moved into the run
-    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["eval"].startswith("complete")
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["eval"]["state"] == "complete"
 
 
 def test_gptq_output_goes_to_the_log(tmp_path, ckpt, words):

@@ -255,7 +255,7 @@ def test_full_disk_during_build_leaves_nothing(src: Path, tmp_path: Path, monkey
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pipeline.LayerPlan, "save", full)  # the disk fills while the run folder is written
+    monkeypatch.setattr(pipeline.RunDir, "save_plan", full)  # the disk fills while the run folder is written
     result = runner.invoke(app, ["build", str(tmp_path / "recipe.yaml"), "--no-progress"])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -404,7 +404,7 @@ def test_build_mode_gen_writes_gen_folder(tmp_path: Path) -> None:
     assert result.pruned_dir == run / "gen" and not (run / "pruned").exists()
     assert read_gen_config(run / "gen") == GenSpec((1, 2), True, "LlamaForCausalLM")
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["variants"]["gen"] == "gen" and manifest["stages"]["prune"] == "complete"
+    assert manifest["variants"]["gen"] == "gen" and manifest["stages"]["prune"]["state"] == "complete"
     assert LayerPlan.load(run / "plan.json") == LayerPlan.load(run / "gen" / "shortgpt_plan.json")
 
 

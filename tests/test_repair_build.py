@@ -21,7 +21,7 @@ def test_build_with_repair_adds_the_repaired_variant_everywhere(tmp_path, build_
     build(r, recipe_text="", progress=False)
     run = tmp_path / "run"
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["variants"]["repaired"] == "repaired" and manifest["stages"]["repair"].startswith("complete")
+    assert manifest["variants"]["repaired"] == "repaired" and manifest["stages"]["repair"]["state"] == "complete"
     repair = json.loads((run / "repair.json").read_text())
     assert repair["methods"] == ["linear", "scale"] and [s["method"] for s in repair["steps"]] == ["linear", "scale"]
     assert all(g["fit_rel_error"] < g["fit_rel_error_before"] for g in repair["steps"][0]["gaps"])

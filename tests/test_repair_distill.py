@@ -139,7 +139,7 @@ def test_time_budget_stops_it(pair, monkeypatch):
     dense, pruned = pair
     record, _, _ = distill(dense, pruned, calibration(n_batches=4), max_steps=1000, max_time_s=2.0, eval_every=1000)
     assert record.stopped_because == "max_time_s"
-    # Over the budget only by the clock's own readings after the last check (0.1 s each, two at most): no step started late.
+    # Over the budget only by the clock readings after the last check (0.1 s each, two at most): no late step.
     assert 0 < record.steps < 1000 and record.time_s <= 2.0 + 0.25
 
 
