@@ -20,6 +20,7 @@ from ._common import (
     handles_errors,
     ints,
     out,
+    print_table,
     setup_logging,
 )
 
@@ -206,7 +207,7 @@ def analyze(
     """The ShortGPT paper's analyses, layers removed in memory: WHAT.json (with provenance) and WHAT.png."""
     setup_logging(verbose)
     from ..analyze import ORDERS, AnalysisSettings, check_what, is_run_folder
-    from ..analyze_plots import summary_rows
+    from ..analyze_plots import summary_lines, summary_rows
     from ..pipeline import analyze_model
     from ..recipe import CalibrationSpec
     from ..run import RunDir
@@ -242,27 +243,9 @@ def analyze(
         log = cache_log(f"analyze-{what}")
     with third_party_output(log):
         result = analyze_model(model, what=what, settings=settings, out_dir=out_dir, progress=not no_progress)
-    title, headers, rows = summary_rows(result.data)
-    table = Table(title=title)
-    for h in headers:
-        table.add_column(h, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
-    if what == "ratio-sweep":
-        n25, at25 = result.data["n_at_25_percent"], result.data["at_25_percent"]
-        out.print(f"at 25% ({n25} of {result.data['num_layers']} layers removed): held-out perplexity")
-        mc = result.data.get("at_25_percent_mc") or {}
-        for name, ppl in sorted(at25.items(), key=lambda kv: kv[1]):
-            acc = f"   MC acc {mc[name]:.3f} ({result.data['retention_at_25_percent'][name]:.1f}%)" if mc else ""
-            out.print(f"  {name:<20} {ppl:10.2f}{acc}")
-    if what == "orthogonality":
-        out.print(result.data["verdict"])
-        if "repaired" in result.data:
-            out.print(result.data["repaired"]["verdict"])
-    if what == "heads":
-        top = result.data["most_important_head"]
-        out.print(f"most important head: layer {top['layer']} head {top['head']} (perplexity {top['perplexity']:.2f})")
+    print_table(*summary_rows(result.data))
+    for line in summary_lines(result.data, what):
+        out.print(line)
     console.print(f"wrote {result.json_path} and {result.png_path} in {result.data['duration_s']:.0f} s")
     if is_run_folder(str(result.json_path.parent)):
         from ..report import write_report
