@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ..errors import ShortGPTError
+
+if TYPE_CHECKING:
+    from ..analyze import AnalysisSettings
+
 from ._common import (
     AsJson,
     NoProgress,
@@ -206,37 +210,18 @@ def analyze(
 ) -> None:
     """The ShortGPT paper's analyses, layers removed in memory: WHAT.json (with provenance) and WHAT.png."""
     setup_logging(verbose)
-    from ..analyze import ORDERS, AnalysisSettings, check_what, is_run_folder
+    from ..analyze import check_what, is_run_folder
     from ..analyze_plots import summary_lines, summary_rows
     from ..pipeline import analyze_model
-    from ..recipe import CalibrationSpec
     from ..run import RunDir
     from ..runtime import third_party_output
-    from ..tasks import parse_task_names
 
     check_what(what)
-    calib = from_options(lambda: CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len, seed=0))
-    greedy = from_options(
-        lambda: CalibrationSpec.from_cli(calibration, samples=greedy_samples, seq_len=greedy_seq_len, seed=0),
-        samples="--greedy-samples",
-        seq_len="--greedy-seq-len",
-    )
-    settings = AnalysisSettings(
-        calibration=calib,
-        greedy_calibration=greedy,
-        heldout=heldout,
-        max_tokens=max_tokens,
-        context_len=context_len,
-        stride=stride,
-        max_ratio=max_ratio,
-        step=step,
-        orders=tuple(o.strip() for o in orders.split(",")) if orders else ORDERS,
-        protect=tuple(ints(protect, "--protect") or []),
-        tasks=tuple(parse_task_names(tasks)) if tasks else (),
-        limit=limit,
-        shots=shots,
-        tasks_at=tasks_at,
-    )
+    settings = _analysis_settings(
+        calibration, samples, seq_len, greedy_samples, greedy_seq_len, heldout=heldout, max_tokens=max_tokens,
+        context_len=context_len, stride=stride, max_ratio=max_ratio, step=step, orders=orders, protect=protect,
+        tasks=tasks, limit=limit, shots=shots, tasks_at=tasks_at,
+    )  # fmt: skip
     if out_dir is not None or is_run_folder(model):  # beside WHAT.json; else the default folder is decided later
         log = (out_dir or RunDir(Path(model)).logs) / f"analyze-{what}.log"
     else:
@@ -251,3 +236,36 @@ def analyze(
         from ..report import write_report
 
         console.print(f"updated {write_report(result.json_path.parent)}")
+
+
+def _analysis_settings(
+    calibration: str,
+    samples: int,
+    seq_len: int,
+    greedy_samples: int,
+    greedy_seq_len: int,
+    *,
+    orders: str | None,
+    protect: str,
+    tasks: str | None,
+    **given: Any,
+) -> AnalysisSettings:
+    """analyze's options as AnalysisSettings (its checks; an out-of-range value names the option)."""
+    from ..analyze import ORDERS, AnalysisSettings
+    from ..recipe import CalibrationSpec
+    from ..tasks import parse_task_names
+
+    calib = from_options(lambda: CalibrationSpec.from_cli(calibration, samples=samples, seq_len=seq_len, seed=0))
+    greedy = from_options(
+        lambda: CalibrationSpec.from_cli(calibration, samples=greedy_samples, seq_len=greedy_seq_len, seed=0),
+        samples="--greedy-samples",
+        seq_len="--greedy-seq-len",
+    )
+    return AnalysisSettings(
+        calibration=calib,
+        greedy_calibration=greedy,
+        orders=tuple(o.strip() for o in orders.split(",")) if orders else ORDERS,
+        protect=tuple(ints(protect, "--protect") or []),
+        tasks=tuple(parse_task_names(tasks)) if tasks else (),
+        **given,
+    )
