@@ -279,3 +279,23 @@ def markdown_section(data: dict[str, Any], png_name: str) -> str:
             ]
             lines += ["", rep["verdict"]]
     return "\n".join(lines)
+
+
+def summary_lines(data: dict[str, Any], what: str) -> list[str]:
+    """The lines `analyze` prints under its table: the 25% point of a sweep, the verdicts, the top head."""
+    lines = []
+    if what == "ratio-sweep":
+        n25, at25 = data["n_at_25_percent"], data["at_25_percent"]
+        lines.append(f"at 25% ({n25} of {data['num_layers']} layers removed): held-out perplexity")
+        mc = data.get("at_25_percent_mc") or {}
+        for name, ppl in sorted(at25.items(), key=lambda kv: kv[1]):
+            acc = f"   MC acc {mc[name]:.3f} ({data['retention_at_25_percent'][name]:.1f}%)" if mc else ""
+            lines.append(f"  {name:<20} {ppl:10.2f}{acc}")
+    if what == "orthogonality":
+        lines += [data["verdict"], *([data["repaired"]["verdict"]] if "repaired" in data else [])]
+    if what == "heads":
+        top = data["most_important_head"]
+        lines.append(
+            f"most important head: layer {top['layer']} head {top['head']} (perplexity {top['perplexity']:.2f})"
+        )
+    return lines

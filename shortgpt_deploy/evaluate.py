@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from .gen import continuation_logprobs, is_gen_checkpoint, read_gen_config
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .recipe import EvalSpec
     from .tasks import LoadedTask, MCItem
 
 logger = logging.getLogger(__name__)
@@ -245,79 +246,145 @@ def agreement(variant: str, reference: str, got: list[list[int]], ref: list[list
     )
 
 
+@dataclass
+class EvalResult:
+    """What the eval stage measured: the content of eval.json (`to_dict`), in the layout earlier versions wrote,
+    so that the report and old run folders read it unchanged. Optional parts are left out of the JSON when empty:
+    prompted perplexity (only with a gen variant), the generation probe, task accuracy, and the run's `models`
+    and `provenance` (the eval stage adds them; analyses do not)."""
+
+    text: str
+    context_len: int
+    stride: int
+    max_tokens: int
+    greedy_prompts: int
+    greedy_tokens: int
+    dtype: str
+    perplexity: dict[str, dict[str, Any]]  # variant → Perplexity.to_dict(); none for a gen variant
+    agreement: list[dict[str, Any]]  # Agreement.to_dict() per (variant, reference)
+    greedy_tokens_by_variant: dict[str, list[list[int]]]
+    prompted_perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)  # with a gen variant: every one
+    gen_variants: list[str] = field(default_factory=list)
+    generation: dict[str, dict[str, float]] | None = None
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant → run_tasks' result
+    retention_pct: dict[str, float] = field(default_factory=dict)
+    models: dict[str, str] | None = None
+    provenance: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = ("text", "context_len", "stride", "max_tokens", "greedy_prompts", "greedy_tokens", "dtype")
+        out: dict[str, Any] = {k: getattr(self, k) for k in settings}
+        out |= {"perplexity": self.perplexity, "agreement": self.agreement}
+        out["greedy_tokens_by_variant"] = self.greedy_tokens_by_variant
+        if self.prompted_perplexity:
+            out |= {"prompted_perplexity": self.prompted_perplexity, "gen_variants": self.gen_variants}
+        if self.generation is not None:
+            out["generation"] = self.generation
+        if self.tasks:
+            out |= {"tasks": self.tasks, "limit": self.limit, "accuracy": self.accuracy}
+            out["retention_pct"] = self.retention_pct
+        out |= {k: v for k, v in (("models", self.models), ("provenance", self.provenance)) if v is not None}
+        return out
+
+
+@dataclass
+class _Measured:
+    """One model's measurements, gathered by evaluate_variants."""
+
+    perplexity: dict[str, Any] | None = None
+    prompted: dict[str, Any] | None = None
+    greedy: list[list[int]] | None = None
+    prompts: list[list[int]] | None = None
+    accuracy: dict[str, Any] | None = None
+
+
 def evaluate_variants(
     models: Mapping[str, Path],
+    spec: EvalSpec,
     *,
-    references: Mapping[str, str],
-    text: str = "austen:persuasion",
-    context_len: int = 512,
-    stride: int = 256,
-    max_tokens: int = 16384,
-    greedy_prompts: int = 8,
-    greedy_tokens: int = 32,
+    references: Mapping[str, str] | None = None,
     add_bos: bool | None = None,
     dtype: str = "float32",
-    tasks: Sequence[str] = (),
-    limit: int | None = None,
-    shots: int | None = None,
-    batch_size: int = 8,
-    generation_probe: bool = False,
-    prompt_len: int = 224,
-    scored_len: int = 32,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Perplexity of every model, greedy agreement of each `variant` with `references[variant]`, and accuracy on
-    the multiple-choice `tasks` (first `limit` items each) with the paper's retention: average ÷ dense × 100.
+    the multiple-choice `spec.tasks` (first `spec.limit` items each) with the paper's retention: average ÷ dense
+    × 100. `spec` is the recipe's eval section (analyses build one from their options).
 
-    Models are loaded one at a time (GPTQ folders dequantized, see modeling.load_model) in `dtype`. Returns the
-    content of eval.json: settings, {"perplexity": {name: ...}, "agreement": [...]}. When one of the models is a
-    ShortGPT-gen folder, every model also gets `prompted_perplexity` (prompt_len + scored_len spans, the protocol
-    a gen model needs), and the gen model gets no plain `perplexity`: a forward over whole windows would skip its
-    layers for every token and measure the pruned model instead.
+    Models are loaded one at a time (GPTQ folders dequantized, see modeling.load_model) in `dtype`. When one of
+    the models is a ShortGPT-gen folder, every model also gets `prompted_perplexity` (prompt_len + scored_len
+    spans, the protocol a gen model needs), and the gen model gets no plain `perplexity`: a forward over whole
+    windows would skip its layers for every token and measure the pruned model instead.
     """
-    from .modeling import decide_add_bos, load_model
     from .tasks import load_task
 
-    loaded = [load_task(t, limit=limit, shots=shots) for t in tasks]  # missing data fails before any model loads
+    # missing task data fails before any model loads
+    loaded = [load_task(t, limit=spec.limit, shots=spec.shots) for t in spec.tasks]
     gen_names = {n for n, f in models.items() if read_gen_config(Path(f)) is not None}
-    ppl: dict[str, dict[str, Any]] = {}
-    prompted: dict[str, dict[str, Any]] = {}
-    greedy: dict[str, list[list[int]]] = {}
-    accuracy: dict[str, dict[str, Any]] = {}
+    measured = {}
     for name, folder in models.items():
         logger.info("eval: %s (%s)", name, folder)
-        model, tokenizer = load_model(Path(folder), dtype=dtype)
-        bos = decide_add_bos(tokenizer, requested=add_bos)
-        ids = heldout_token_ids(tokenizer, text, max_tokens=max_tokens, add_bos=bos)
-        if name not in gen_names:
-            ppl[name] = perplexity(
-                model, ids, context_len=context_len, stride=stride, text=text, progress=progress
-            ).to_dict()
-        if gen_names:
-            prompted[name] = prompted_perplexity(
-                model, ids, prompt_len=prompt_len, scored_len=scored_len, text=text, progress=progress
-            ).to_dict()
-        if greedy_prompts:
-            prompts = prompt_spans(ids, n_prompts=greedy_prompts, bos=tokenizer.bos_token_id if bos else None)
-            greedy[name] = greedy_continuations(model, prompts, new_tokens=greedy_tokens)
-        if loaded:
-            accuracy[name] = run_tasks(model, tokenizer, loaded, batch_size=batch_size, add_bos=bos, progress=progress)
-        del model
-    agreements = [
-        agreement(v, r, greedy[v], greedy[r]).to_dict() for v, r in references.items() if v in greedy and r in greedy
-    ]
-    settings = {"text": text, "context_len": context_len, "stride": stride, "max_tokens": max_tokens}
-    settings |= {"greedy_prompts": greedy_prompts, "greedy_tokens": greedy_tokens, "dtype": dtype}
-    out = {**settings, "perplexity": ppl, "agreement": agreements, "greedy_tokens_by_variant": greedy}
-    if prompted:
-        out |= {"prompted_perplexity": prompted, "gen_variants": sorted(gen_names)}
-    if generation_probe and greedy and "dense" in models:  # one tokenizer: every variant had the same prompts
-        out["generation"] = generation_probe_scores(models["dense"], prompts, greedy, dtype=dtype)
+        measured[name] = _measure(
+            Path(folder), spec, loaded, gen=name in gen_names, any_gen=bool(gen_names), add_bos=add_bos,
+            dtype=dtype, progress=progress,
+        )  # fmt: skip
+    greedy = {n: m.greedy for n, m in measured.items() if m.greedy is not None}
+    accuracy = {n: m.accuracy for n, m in measured.items() if m.accuracy is not None}
+    base = (accuracy.get("dense") or {}).get("average", {}).get("acc")
+    result = EvalResult(
+        spec.text, spec.context_len, spec.stride, spec.max_tokens, spec.greedy_prompts, spec.greedy_tokens, dtype,
+        perplexity={n: m.perplexity for n, m in measured.items() if m.perplexity is not None},
+        agreement=[agreement(v, r, greedy[v], greedy[r]).to_dict() for v, r in (references or {}).items()
+                   if v in greedy and r in greedy],
+        greedy_tokens_by_variant=greedy,
+        prompted_perplexity={n: m.prompted for n, m in measured.items() if m.prompted is not None},
+        gen_variants=sorted(gen_names),
+        tasks=list(spec.tasks) if loaded else [],
+        limit=spec.limit,
+        accuracy=accuracy,
+        retention_pct={v: retention_pct(a["average"]["acc"], base) for v, a in accuracy.items() if base},
+    )  # fmt: skip
+    prompts = next((m.prompts for m in reversed(measured.values()) if m.prompts is not None), None)
+    if spec.generation_probe and greedy and prompts and "dense" in models:  # one tokenizer: the same prompts
+        result.generation = generation_probe_scores(models["dense"], prompts, greedy, dtype=dtype)
+    return result
+
+
+def _measure(
+    folder: Path,
+    spec: EvalSpec,
+    loaded: Sequence[LoadedTask],
+    *,
+    gen: bool,
+    any_gen: bool,
+    add_bos: bool | None,
+    dtype: str,
+    progress: bool,
+) -> _Measured:
+    """One model of evaluate_variants: loaded, measured as `spec` says, released."""
+    from .modeling import decide_add_bos, load_model
+
+    model, tokenizer = load_model(folder, dtype=dtype)
+    bos = decide_add_bos(tokenizer, requested=add_bos)
+    ids = heldout_token_ids(tokenizer, spec.text, max_tokens=spec.max_tokens, add_bos=bos)
+    got = _Measured()
+    if not gen:
+        got.perplexity = perplexity(
+            model, ids, context_len=spec.context_len, stride=spec.stride, text=spec.text, progress=progress
+        ).to_dict()
+    if any_gen:
+        got.prompted = prompted_perplexity(
+            model, ids, prompt_len=spec.prompt_len, scored_len=spec.scored_len, text=spec.text, progress=progress
+        ).to_dict()
+    if spec.greedy_prompts:
+        got.prompts = prompt_spans(ids, n_prompts=spec.greedy_prompts, bos=tokenizer.bos_token_id if bos else None)
+        got.greedy = greedy_continuations(model, got.prompts, new_tokens=spec.greedy_tokens)
     if loaded:
-        base = (accuracy.get("dense") or {}).get("average", {}).get("acc")
-        retention = {v: retention_pct(a["average"]["acc"], base) for v, a in accuracy.items() if base}
-        out |= {"tasks": list(tasks), "limit": limit, "accuracy": accuracy, "retention_pct": retention}
-    return out
+        got.accuracy = run_tasks(model, tokenizer, loaded, batch_size=spec.batch_size, add_bos=bos, progress=progress)
+    del model
+    return got
 
 
 def retention_pct(acc: float, dense_acc: float) -> float:

@@ -28,6 +28,7 @@ from .run import RunDir
 
 if TYPE_CHECKING:
     from .analyze import AnalysisSettings
+    from .recipe import EvalSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,23 @@ def check_tasks(settings: AnalysisSettings) -> tuple[str, ...]:
     for name in tasks:
         load_task(name, limit=settings.limit, shots=settings.shots)
     return tasks
+
+
+def eval_spec(settings: AnalysisSettings, tasks: tuple[str, ...]) -> EvalSpec:
+    """The eval section this analysis measures with: perplexity on the held-out text and `tasks`, no greedy
+    agreement. A value out of range names analyze's option (`--max-tokens must be at least 16, got 8`)."""
+    from pydantic import ValidationError
+
+    from .recipe import EvalSpec, option_errors
+
+    try:
+        return EvalSpec(
+            text=settings.heldout, context_len=settings.context_len, stride=settings.stride,
+            max_tokens=settings.max_tokens, greedy_prompts=0, tasks=list(tasks), limit=settings.limit,
+            shots=settings.shots, batch_size=settings.batch_size,
+        )  # fmt: skip
+    except ValidationError as err:
+        raise OrthogonalityError(option_errors(err, {"text": "--heldout"})) from None
 
 
 def orthogonality_table(evaluated: dict[str, Any], compressed: str = "pruned") -> dict[str, Any]:
@@ -146,24 +164,11 @@ def orthogonality_analysis(model_spec: str, settings: AnalysisSettings, *, progr
     # A run that repaired its pruned model and quantized both is measured for the repaired pair as well.
     repaired = [v for v in REPAIRED_PAIR if v in variants] == list(REPAIRED_PAIR)
     measured = (*FOUR, *REPAIRED_PAIR) if repaired else FOUR
-    evaluated = evaluate_variants(
-        {v: variants[v] for v in measured},
-        references={},
-        text=settings.heldout,
-        context_len=settings.context_len,
-        stride=settings.stride,
-        max_tokens=settings.max_tokens,
-        greedy_prompts=0,
-        tasks=tasks,
-        limit=settings.limit,
-        shots=settings.shots,
-        batch_size=settings.batch_size,
-        progress=progress,
-    )
+    evaluated = evaluate_variants({v: variants[v] for v in measured}, eval_spec(settings, tasks), progress=progress)
     layers = {v: json.loads((variants[v] / "config.json").read_text()) for v in measured}
-    table = orthogonality_table(evaluated)
+    table = orthogonality_table(evaluated.to_dict())
     if repaired:
-        table["repaired"] = orthogonality_table(evaluated, "repaired")
+        table["repaired"] = orthogonality_table(evaluated.to_dict(), "repaired")
     for t in (table, table.get("repaired")):
         for v in t["variants"] if t else ():
             cfg = layers[v].get("text_config", layers[v])

@@ -19,7 +19,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .calibration import build_calibration, load_documents
 from .checkpoint import output_transaction
@@ -58,6 +58,20 @@ class BuildResult:
     pruned_dir: Path | None
     manifest: Manifest
     report: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What `build --json` prints."""
+        return {
+            "run_dir": str(self.run_dir),
+            "pruned": str(self.pruned_dir) if self.pruned_dir else None,
+            "plan": self.plan.to_dict(),
+            # ppl_greedy leaves unreached layers unscored (NaN); JSON has no NaN: null, as in scores.json
+            "scores": [None if v != v else v for v in self.scores.scores] if self.scores else None,
+            "stages": {k: s.to_json() for k, s in self.manifest.stages.items()},
+            "variants": self.manifest.variants,
+            "report": str(self.report) if self.report else None,
+            "timings_s": self.manifest.timings_s,
+        }
 
 
 def _calibrate_and_score(

@@ -334,6 +334,7 @@ class EvalSpec(_Section):
         default_factory=list, description="Multiple-choice tasks (mmlu, hellaswag, piqa, boolq, arc_easy, ...)."
     )
     limit: int | None = Field(default=None, ge=1, description="First N items of each task (reproducible).")
+    shots: int | None = Field(default=None, ge=0, description="Few-shot examples per prompt (default: MMLU 5, else 0).")
     batch_size: int = Field(default=8, ge=1)
     generation_probe: bool = Field(
         default=False, description="Score the greedy continuations by the dense model's perplexity and repetition."

@@ -24,6 +24,7 @@ from .checkpoint import is_quantized, read_config, text_config
 from .errors import ModelLoadError, ShortGPTError
 from .gen import is_gen_checkpoint
 from .processes import spawn, stop_group
+from .recipe import ServeSpec
 from .runtime import on_gpu, vllm_installed  # noqa: F401  (vllm_installed: the bench's check, asked here)
 
 logger = logging.getLogger(__name__)
@@ -63,14 +64,15 @@ def cpu_dtype() -> str:
 
 # ------------------------------------------------------------------------------------------- presets
 # Flag presets per serving target, as data: serving/<name>.yaml holds `defaults` and per-variant `variants`
-# overrides, both with the fields of recipe.ServeSpec. A recipe's `serve` section picks one and overrides it.
+# overrides, each validated by recipe.ServeSpec (the recipe's `serve` section, less `preset`), so a preset and a
+# recipe accept the same keys and values. A recipe's `serve` section picks one and overrides it.
 SERVING_DIR = Path(__file__).resolve().parents[1] / "serving"
-PRESET_FIELDS = ("dtype", "max_model_len", "kv_cache_gib", "cpu_cores", "tensor_parallel_size",
-                 "pipeline_parallel_size", "extra_args")  # fmt: skip
+PRESET_FIELDS = tuple(f for f in ServeSpec.model_fields if f != "preset")
 
 
 def load_preset(name: str | None = None) -> dict[str, dict]:
-    """serving/NAME.yaml (or a YAML path) as {"defaults": {...}, "variants": {name: {...}}}; default: cpu or gpu."""
+    """serving/NAME.yaml (or a YAML path) as {"defaults": {...}, "variants": {name: {...}}}; default: cpu or gpu.
+    Each section keeps only the keys it gives (an absent key leaves the earlier layer's value)."""
     import yaml
 
     name = name or ("gpu" if on_gpu() else "cpu")
@@ -79,12 +81,26 @@ def load_preset(name: str | None = None) -> dict[str, dict]:
         known = ", ".join(sorted(p.stem for p in SERVING_DIR.glob("*.yaml"))) or "none found"
         raise ServeError(f"serving preset {name!r} not found ({path}); known presets: {known}, or a YAML path")
     data = yaml.safe_load(path.read_text()) or {}
-    sections = [data.get("defaults") or {}, *(data.get("variants") or {}).values()]
-    bad = sorted({k for section in sections for k in section if k not in PRESET_FIELDS} | (set(data) - {"defaults",
-                 "variants", "description"}))  # fmt: skip
+    sections = {"defaults": data.get("defaults") or {}}
+    sections |= {f"variants.{v}": s or {} for v, s in (data.get("variants") or {}).items()}
+    bad = sorted({k for section in sections.values() for k in section if k not in PRESET_FIELDS} | (set(data) - {
+                 "defaults", "variants", "description"}))  # fmt: skip
     if bad:
         raise ServeError(f"{path}: unknown key(s) {', '.join(bad)}; allowed: {', '.join(PRESET_FIELDS)}")
-    return {"defaults": data.get("defaults") or {}, "variants": data.get("variants") or {}}
+    checked = {where: _preset_section(path, where, section) for where, section in sections.items()}
+    variants = {where.removeprefix("variants."): s for where, s in checked.items() if where != "defaults"}
+    return {"defaults": checked["defaults"], "variants": variants}
+
+
+def _preset_section(path: Path, where: str, section: dict) -> dict:
+    """One section of a preset file checked by the recipe's ServeSpec; a bad value names the file and key."""
+    from pydantic import ValidationError
+
+    try:
+        return ServeSpec.model_validate(section).model_dump(exclude_unset=True)
+    except ValidationError as err:
+        lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ServeError(f"{path}: " + "; ".join(lines)) from None
 
 
 def options_for(

@@ -160,33 +160,18 @@ def _eval(ctx: StageContext) -> StageStatus:
     recipe, e = ctx.recipe, ctx.recipe.eval
     assert e is not None
     models = {n: ctx.variant_dir(n) for n in VARIANTS if n in ctx.manifest.variants}
+    references = {v: r for v, r in REFERENCES.items() if v in models and r in models}
     result = evaluate_variants(
-        models,
-        references={v: r for v, r in REFERENCES.items() if v in models and r in models},
-        text=e.text,
-        context_len=e.context_len,
-        stride=e.stride,
-        max_tokens=e.max_tokens,
-        greedy_prompts=e.greedy_prompts,
-        greedy_tokens=e.greedy_tokens,
-        add_bos=source_add_bos(recipe.model),
-        dtype=recipe.model.dtype,
-        tasks=e.tasks,
-        limit=e.limit,
-        batch_size=e.batch_size,
-        generation_probe=e.generation_probe,
-        prompt_len=e.prompt_len,
-        scored_len=e.scored_len,
+        models, e, references=references, add_bos=source_add_bos(recipe.model), dtype=recipe.model.dtype,
         progress=ctx.progress,
-    )
-    result["models"] = {n: str(p) for n, p in models.items()}
-    result["provenance"] = provenance()
-    ctx.run.save_eval(result)
-    acc = {n: a["average"]["acc"] for n, a in result.get("accuracy", {}).items()}
+    )  # fmt: skip
+    result.models = {n: str(p) for n, p in models.items()}
+    result.provenance = provenance()
+    ctx.run.save_eval(result.to_dict())
+    acc = {n: a["average"]["acc"] for n, a in result.accuracy.items()}
     # a gen variant has no plain perplexity: its note gives the prompted one (eval.json has it for every variant)
-    ppl = {n: f"ppl {r['perplexity']:.1f}" for n, r in result["perplexity"].items()}
-    ppl |= {n: f"prompted ppl {r['perplexity']:.1f}" for n, r in result.get("prompted_perplexity", {}).items()
-            if n not in ppl}  # fmt: skip
+    ppl = {n: f"ppl {r['perplexity']:.1f}" for n, r in result.perplexity.items()}
+    ppl |= {n: f"prompted ppl {r['perplexity']:.1f}" for n, r in result.prompted_perplexity.items() if n not in ppl}
     note = ", ".join(f"{n} {p}" + (f" acc {acc[n]:.3f}" if n in acc else "") for n, p in ppl.items())
     return StageStatus("complete", note)
 

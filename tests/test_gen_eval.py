@@ -14,6 +14,7 @@ from shortgpt_deploy.bench import summarize
 from shortgpt_deploy.evaluate import continuation_loglikelihoods, evaluate_variants, prompted_perplexity
 from shortgpt_deploy.gen import continuation_logprobs
 from shortgpt_deploy.modeling import load_model
+from shortgpt_deploy.recipe import EvalSpec
 
 IDS = torch.randint(4, 100, (120,), generator=torch.Generator().manual_seed(3)).tolist()
 
@@ -83,10 +84,11 @@ def test_eval_with_a_gen_variant_and_its_report_section(tmp_path: Path) -> None:
     gen = gen_folder(dense, tmp_path / "gen", [1, 2])
     text = tmp_path / "heldout.txt"
     text.write_text(" ".join(["alpha beta gamma delta epsilon zeta eta theta"] * 60))
-    out = evaluate_variants(
-        {"dense": dense, "gen": gen}, references={"gen": "dense"}, text=str(text), context_len=64, stride=32,
-        max_tokens=400, greedy_prompts=2, greedy_tokens=4, prompt_len=40, scored_len=8, progress=False,
+    spec = EvalSpec(
+        text=str(text), context_len=64, stride=32, max_tokens=400, greedy_prompts=2, greedy_tokens=4, prompt_len=40,
+        scored_len=8,
     )  # fmt: skip
+    out = evaluate_variants({"dense": dense, "gen": gen}, spec, references={"gen": "dense"}, progress=False).to_dict()
     assert set(out["perplexity"]) == {"dense"}  # a whole-window forward would measure the pruned model
     assert set(out["prompted_perplexity"]) == {"dense", "gen"} and out["gen_variants"] == ["gen"]
     assert out["agreement"][0]["variant"] == "gen"

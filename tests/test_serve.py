@@ -180,6 +180,13 @@ def test_unknown_preset_and_unknown_preset_key(tmp_path):
         load_preset(str(bad))
 
 
+def test_preset_values_are_checked_by_the_recipes_serve_model(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("defaults: {max_model_len: 2048}\nvariants:\n  pruned: {kv_cache_gib: 0}\n")
+    with pytest.raises(ServeError, match=r"mine.yaml: variants\.pruned\.kv_cache_gib: .*greater than or equal to 1"):
+        load_preset(str(bad))
+
+
 @pytest.mark.vllm
 def test_server_that_dies_while_starting_reports_its_log(tmp_path):
     pytest.importorskip("vllm")
