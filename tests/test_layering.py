@@ -13,6 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "shortgpt_deploy"
 # The bottom of the package: what every stage may import, and which import nothing but each other.
 LOW = {"errors", "files", "checkpoint", "runtime", "recipe"}
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
