@@ -29,7 +29,8 @@ from .errors import PlanError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .recipe import BudgetSpec
+    from .importance import LayerScores
+    from .recipe import BudgetSpec, PruneSpec
     from .tasks import LoadedTask
 
 logger = logging.getLogger(__name__)
@@ -216,3 +217,57 @@ def _check_n_max(n_max: int, order: list[int]) -> int:
     if n_max < 1:
         raise PlanError("the budget has no layer to try: every layer is protected, or max_ratio allows none")
     return n_max
+
+
+def select_budget(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scores: LayerScores,
+    prune: PruneSpec,
+    *,
+    add_bos: bool | None,
+    progress: bool,
+) -> BudgetResult:
+    """prune.budget: the largest n along the scores' removal order (protected layers left out) within the
+    perplexity or retention budget, measured on `model` in memory."""
+    from .evaluate import heldout_token_ids
+    from .modeling import decide_add_bos
+    from .plan import n_from_ratio, normalize_protected
+
+    b = prune.budget
+    assert b is not None
+    protected = set(normalize_protected(prune.protect, scores.num_layers))
+    ranked = [s["removed"] for s in scores.iterative] if scores.iterative else scores.removal_order
+    order = [i for i in ranked if i not in protected]
+    bos = decide_add_bos(tokenizer, requested=add_bos)
+    n_max = n_from_ratio(b.max_ratio, scores.num_layers)
+    if b.criterion == "retention":
+        assert b.min_retention_pct is not None
+        result = select_by_retention(
+            model, tokenizer, load_budget_tasks(b), order, min_retention_pct=b.min_retention_pct, n_max=n_max,
+            batch_size=b.batch_size, add_bos=bos,
+        )  # fmt: skip
+        result.settings |= {"limit": b.limit, "metric": scores.metric}
+        logger.info(
+            "budget: %d layers keep %.1f%% of the dense average accuracy on %s (limit %g%%)",
+            result.n_remove, result.retention_by_n[result.n_remove], ", ".join(b.tasks), b.min_retention_pct,
+        )  # fmt: skip
+        return result
+    assert b.max_ppl_increase_pct is not None
+    ids = heldout_token_ids(tokenizer, b.text, max_tokens=b.max_tokens, add_bos=bos)
+    result = select_by_perplexity(
+        model,
+        ids,
+        order,
+        max_increase_pct=b.max_ppl_increase_pct,
+        n_max=n_max,
+        context_len=b.context_len,
+        stride=b.stride,
+    )
+    result.settings |= {"text": b.text, "max_tokens": b.max_tokens, "metric": scores.metric}
+    logger.info(
+        "budget: %d layers keep perplexity on %s within +%g%% (%.3f → %.3f, limit %.3f)",
+        result.n_remove, b.text, b.max_ppl_increase_pct, result.baseline_ppl, result.ppl_by_n[result.n_remove],
+        result.limit_ppl,
+    )  # fmt: skip
+    return result

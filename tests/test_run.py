@@ -146,8 +146,32 @@ def _ctx(tmp_path: Path, **sections) -> stages.StageContext:
 
 
 def test_the_stages_are_one_ordered_list():
-    assert [s.name for s in stages.STAGES] == ["repair", "quantize", "eval", "bench"]
+    names = [s.name for s in stages.STAGES]
+    assert names == ["score", "plan", "prune", "repair", "quantize", "eval", "bench"]
+    assert [s.name for s in stages.STAGES if s.makes_folder] == ["score", "plan", "prune"]
     assert all(callable(s.run) and isinstance(s.needs, tuple) for s in stages.STAGES)
+    # the stages that make the folder come first: build runs them in its transaction, then the rest
+    assert [s.makes_folder for s in stages.STAGES] == sorted((s.makes_folder for s in stages.STAGES), reverse=True)
+
+
+def test_a_stage_without_the_checkpoint_it_needs_fails_without_running(tmp_path):
+    ran = []
+    ctx = _ctx(tmp_path, repair={})
+    ctx.manifest.variants = {"dense": "/models/dense"}
+    status = stages.run_stage(stages.SectionStage("repair", ("dense", "pruned"), lambda c: ran.append(1)), ctx)
+    assert ran == [] and status.state == "failed" and "the pruned checkpoint was not built" in status.note
+    assert ctx.run.load_manifest().stages["repair"] == status  # recorded and saved
+
+
+def test_a_stage_that_makes_the_folder_propagates_its_error(tmp_path):
+    def broken(ctx):
+        raise ShortGPTError("calibration file is empty")
+
+    ctx = _ctx(tmp_path, prune=SimpleNamespace(layers=[1], plot=False))
+    with pytest.raises(ShortGPTError, match="calibration file is empty"):
+        stages.run_stage(stages.FolderStage("plan", broken), ctx)
+    skipped = stages.run_stage(stages.STAGES[0], ctx)  # score: explicit layers without a plot need no scores
+    assert skipped == StageStatus("skipped", "explicit layers: nothing to score")
 
 
 def test_run_stage_skips_records_failures_and_marks_an_interruption(tmp_path):
