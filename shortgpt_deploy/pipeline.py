@@ -381,7 +381,7 @@ def _score_step(
             budget = _select_budget(
                 model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, checkpoint), progress=progress
             )
-        tmp.save_budget(budget.to_dict())
+        tmp.save_budget(budget)
     del model  # surgery streams from disk; free the weights first
     return scores, budget
 
