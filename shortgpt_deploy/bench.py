@@ -4,8 +4,9 @@ Repeats are interleaved across variants (repeat 1: dense, pruned; repeat 2: dens
 a shared machine falls on every variant alike, and ratios to the baseline (the first variant) are paired by
 repeat. One tokenizer drives every variant, so all see the same prompts. Written under OUT/bench/:
 `r{repeat}-{variant}-{level}.json` (vLLM's result, as each run completes), `runs.json` (status of every planned
-run, rewritten after each), `summary.json`, and `logs/` (server and client output). Tables, Markdown and plots
-made from a summary are in report.py.
+run, rewritten after each), `summary.json`, and `logs/` (server and client output), each path and file through
+run.RunDir; the records themselves (RunRecord, BenchSummary) are in bench_records.py. Tables, Markdown and plots
+made from a summary are in serving_tables.py and report.py.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bench_records import BenchSummary, RunRecord
 from .checkpoint import read_config, read_config_layers, read_layer_tensors, text_config
 from .errors import ShortGPTError
 from .gen import read_gen_config
 from .manifest import provenance
 from .processes import spawn, stop_group
+from .run import RunDir
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ class BenchError(ShortGPTError):
 class BenchIncompleteError(BenchError):
     """Some runs did not succeed; `summary` holds what the others measured (also written to summary.json)."""
 
-    def __init__(self, message: str, summary: dict[str, Any]):
+    def __init__(self, message: str, summary: BenchSummary):
         super().__init__(message)
         self.summary = summary
 
@@ -238,18 +241,6 @@ def ttft_ideal_ratios(variants: list[Variant], prompt_len: int | None) -> dict[s
 
 # ------------------------------------------------------------------------------------------------- runs
 @dataclass
-class RunRecord:
-    repeat: int
-    variant: str
-    level: str
-    status: str = "pending"  # ok | requests_failed | failed | timeout | server_died | server_failed | skipped
-    result_file: str | None = None
-    duration_s: float | None = None
-    load_1min: float | None = None  # at the end of the run: high values flag a machine shared with other work
-    message: str = ""
-
-
-@dataclass
 class Target:
     url: str
     model: str
@@ -268,16 +259,18 @@ def default_options(variant: Variant, port: int) -> ServeOptions:
 @dataclass
 class Plan:
     workload: Workload
-    bench_dir: Path
+    run: RunDir  # the results go to its bench/ (run.RunDir knows the paths)
     tokenizer: Path
     timeout_s: float
     options: OptionsFactory = default_options
     records: list[RunRecord] = field(default_factory=list)
 
+    @property
+    def bench_dir(self) -> Path:
+        return self.run.bench
+
     def save(self) -> None:
-        tmp = self.bench_dir / "runs.json.tmp"
-        tmp.write_text(json.dumps([asdict(r) for r in self.records], indent=2))
-        tmp.replace(self.bench_dir / "runs.json")
+        self.run.save_bench_runs(self.records)
 
 
 def free_port() -> int:
@@ -319,7 +312,7 @@ def bench_argv(plan: Plan, target: Target, level: Level, result_name: str) -> li
 def run_one(plan: Plan, rec: RunRecord, target: Target, level: Level) -> None:
     """Run vLLM's client once and record how it went; its process group is killed on timeout or Ctrl-C."""
     name = f"r{rec.repeat}-{rec.variant}-{rec.level}"
-    result, log_path = plan.bench_dir / f"{name}.json", plan.bench_dir / "logs" / f"{name}.log"
+    result, log_path = plan.run.bench_result(name), plan.run.bench_log(name)
     result.unlink(missing_ok=True)  # never mistake an older run's file for this one's
     logger.info("repeat %d, %s at %s: vllm bench serve (log: %s)", rec.repeat, rec.variant, rec.level, log_path)
     start, argv = time.monotonic(), bench_argv(plan, target, level, result.name)
@@ -347,7 +340,7 @@ def run_variant(plan: Plan, variant: Variant, repeat: int) -> bool:
     """All levels of one variant in one repeat, on one server start; False if the server would not start."""
     todo = [r for r in plan.records if r.repeat == repeat and r.variant == variant.name]
     try:
-        log_path = plan.bench_dir / "logs" / f"r{repeat}-{variant.name}-server.log"
+        log_path = plan.run.bench_log(f"r{repeat}-{variant.name}-server")
         with serving(variant, log_path, plan.options) as target:
             for rec, level in zip(todo, plan.workload.levels, strict=True):
                 if target.alive():
@@ -371,7 +364,7 @@ def run_benchmark(
     tokenizer: Path | None = None,
     timeout_s: float = 900.0,
     options: OptionsFactory = default_options,
-) -> dict[str, Any]:
+) -> BenchSummary:
     """Every variant at every level, `workload.repeats` times interleaved; writes and returns the summary.
 
     `options` says how to serve each variant given a free loopback port (default: serve.py's defaults).
@@ -388,12 +381,12 @@ def run_benchmark(
     dirs = [v.model_dir for v in variants if v.model_dir is not None]
     if tokenizer is None and not dirs:
         raise BenchError("only endpoints given: name a tokenizer folder with --tokenizer")
-    plan = Plan(workload, Path(out_dir) / "bench", Path(tokenizer or dirs[0]), timeout_s, options)
-    (plan.bench_dir / "logs").mkdir(parents=True, exist_ok=True)
+    plan = Plan(workload, RunDir(out_dir), Path(tokenizer or dirs[0]), timeout_s, options)
+    plan.run.bench_logs.mkdir(parents=True, exist_ok=True)
     load_at_start, reps = os.getloadavg()[0], range(1, workload.repeats + 1)
     plan.records = [RunRecord(r, v.name, lv.label) for r in reps for v in variants for lv in workload.levels]
     broken: set[str] = set()  # a server that would not start is not tried again
-    with _locked(plan.bench_dir):
+    with _locked(plan.run.bench_lock):
         for repeat in reps:
             for v in variants:
                 if v.name not in broken and not run_variant(plan, v, repeat):
@@ -406,9 +399,10 @@ def run_benchmark(
 
 
 @contextlib.contextmanager
-def _locked(bench_dir: Path) -> Iterator[None]:
+def _locked(lock: Path) -> Iterator[None]:
     """One benchmark per folder: a second one would overwrite its logs and results (the lock dies with us)."""
-    with (bench_dir / ".lock").open("w") as f:
+    bench_dir = lock.parent
+    with lock.open("w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -418,27 +412,30 @@ def _locked(bench_dir: Path) -> Iterator[None]:
         yield
 
 
-def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] = (0.0, 0.0)) -> BenchSummary:
     """Summarise the runs that succeeded, write summary.json, and raise if any run did not succeed."""
     ok = [r for r in plan.records if r.status == "ok" and r.result_file]
     results = [
-        (r.variant, r.level, r.repeat, json.loads((plan.bench_dir / str(r.result_file)).read_text())) for r in ok
+        (r.variant, r.level, r.repeat, json.loads(plan.run.bench_result(Path(str(r.result_file)).stem).read_text()))
+        for r in ok
     ]
     names, levels = [v.name for v in variants], [lv.label for lv in plan.workload.levels]
-    summary = summarize(results, variants=names, levels=levels, flops={v.name: _flops_or_none(v) for v in variants})
-    summary["workload"] = json.loads(json.dumps(asdict(plan.workload), default=str))
     prompt_len = None if plan.workload.dataset_path else plan.workload.input_len  # a prompt file's lengths vary
-    summary["ttft_ideal_ratio"] = ttft_ideal_ratios(variants, prompt_len)
-    summary["tokenizer"] = str(plan.tokenizer)
-    summary["sources"] = {v.name: str(v.model_dir or v.endpoint) for v in variants}
-    summary["provenance"] = provenance() | {"load_1min_start_end": load_1min}
-    (plan.bench_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = BenchSummary(
+        **summarize(results, variants=names, levels=levels, flops={v.name: _flops_or_none(v) for v in variants}),
+        workload=json.loads(json.dumps(asdict(plan.workload), default=str)),
+        ttft_ideal_ratio=ttft_ideal_ratios(variants, prompt_len),
+        tokenizer=str(plan.tokenizer),
+        sources={v.name: str(v.model_dir or v.endpoint) for v in variants},
+        provenance=provenance() | {"load_1min_start_end": list(load_1min)},
+    )
+    plan.run.save_bench_summary(summary)
     bad = [r for r in plan.records if r.status != "ok"]
     if bad:
         what = "; ".join(f"r{r.repeat} {r.variant} {r.level}: {r.status} {r.message}".strip() for r in bad[:4])
         raise BenchIncompleteError(
             f"{len(bad)} of {len(plan.records)} benchmark runs did not succeed ({what}); see "
-            f"{plan.bench_dir / 'runs.json'} and {plan.bench_dir / 'logs'}",
+            f"{plan.run.bench_runs_path} and {plan.run.bench_logs}",
             summary,
         )
     return summary

@@ -63,6 +63,16 @@ class BudgetResult:
                 data[key] = {str(n): v for n, v in sorted(getattr(self, key).items())}
         return data
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BudgetResult:
+        """The inverse of to_dict: a budget.json of any version (with or without schema_version, of either
+        criterion); the per-n tables get their int keys back. A missing n_remove or order is a KeyError."""
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
+        for key in ("ppl_by_n", "retention_by_n", "accuracy_by_n"):
+            if key in known:
+                known[key] = {int(n): v for n, v in known[key].items()}
+        return cls(**(known | {"n_remove": int(d["n_remove"]), "order": list(d["order"])}))
+
 
 PERPLEXITY_KEYS = ("limit_ppl", "baseline_ppl", "ppl_by_n")
 RETENTION_KEYS = ("min_retention_pct", "baseline_acc", "retention_by_n", "accuracy_by_n")

@@ -288,6 +288,16 @@ class EvalResult:
         out |= {k: v for k, v in (("models", self.models), ("provenance", self.provenance)) if v is not None}
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        """The inverse of to_dict, for an eval.json of any version: the text, window and perplexities are
+        required (a KeyError); the optional parts, and the greedy settings and dtype that early files lack, take
+        empty values; unknown keys (schema_version) are dropped."""
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}
+        early = {"greedy_prompts": 0, "greedy_tokens": 0, "dtype": "", "agreement": [], "greedy_tokens_by_variant": {}}
+        required = {k: d[k] for k in ("text", "context_len", "stride", "max_tokens", "perplexity")}
+        return cls(**(early | fields | required))
+
 
 @dataclass
 class _Measured:

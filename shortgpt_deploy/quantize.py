@@ -103,6 +103,38 @@ class QuantizeResult:
         return {**asdict(self), "out_dir": str(self.out_dir)}
 
 
+@dataclass(frozen=True)
+class QuantizedVariant:
+    """One entry of a run folder's quantize.json: how a quantized variant was made (QuantizeResult's fields),
+    from which float variant (`source`), into which folder (`out_dir`: relative, in the run folder, or absolute
+    as earlier versions wrote). `source` is None in files that did not record it."""
+
+    scheme: str
+    bits: int
+    group_size: int
+    target: str
+    producer: str
+    calibration: dict[str, Any]
+    duration_s: float
+    out_dir: str
+    source: str | None = None
+
+    @classmethod
+    def of(cls, result: QuantizeResult, *, folder: str, source: str) -> QuantizedVariant:
+        return cls.from_dict(result.to_dict() | {"out_dir": folder, "source": source})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as quantize.json has always held it (QuantizeResult.to_dict with out_dir and source)."""
+        data = asdict(self)
+        return data if self.source is not None else {k: v for k, v in data.items() if k != "source"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantizedVariant:
+        """An entry of any version; a missing field is a KeyError, unknown ones are dropped."""
+        fields = [f for f in cls.__dataclass_fields__ if f != "source"]
+        return cls(**{f: d[f] for f in fields}, source=d.get("source"))
+
+
 # ------------------------------------------------------------------------------------------ scheme choice
 def parse_scheme(name: str) -> str:
     """`auto` or a key of SCHEMES (case-insensitive); anything else fails with the list of known names."""

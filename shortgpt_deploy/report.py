@@ -13,7 +13,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import text_config
 from .errors import ShortGPTError
@@ -33,6 +33,12 @@ from .serving_tables import (
     verdicts,
 )
 
+if TYPE_CHECKING:
+    from .bench_records import BenchSummary, RunRecord
+    from .budget import BudgetResult
+    from .evaluate import EvalResult
+    from .quantize import QuantizedVariant
+
 ReportError = RunFolderError  # the name earlier callers catch
 
 
@@ -46,11 +52,11 @@ class RunFolder:
     manifest: Manifest
     plan: LayerPlan | None
     scores: dict[str, Any] | None
-    quantize: dict[str, Any]
-    evaluation: dict[str, Any] | None
-    summary: dict[str, Any] | None
-    runs: list[dict[str, Any]]
-    budget: dict[str, Any] | None = None
+    quantize: dict[str, QuantizedVariant]
+    evaluation: EvalResult | None
+    summary: BenchSummary | None
+    runs: list[RunRecord]
+    budget: BudgetResult | None = None
     repair: dict[str, Any] | None = None
 
     @property
@@ -86,8 +92,8 @@ def stage_status(run: RunFolder) -> dict[str, StageStatus]:
         else not_run,
         "repair": done if run.repair else not_run,
         "quantize": done if run.quantize else not_run,
-        "eval": done if run.evaluation else not_run,
-        "bench": done if run.summary else not_run,
+        "eval": done if run.evaluation is not None else not_run,
+        "bench": done if run.summary is not None else not_run,
     }  # fmt: skip
     return {**inferred, **run.manifest.stages}
 
@@ -150,43 +156,44 @@ def scores_section(run: RunFolder, status: dict[str, StageStatus]) -> str:
     return "\n\n".join(out + budget_lines(run.budget))
 
 
-def budget_lines(budget: dict[str, Any] | None) -> list[str]:
+def budget_lines(budget: BudgetResult | None) -> list[str]:
     """prune.budget's choice: the criterion, how many layers, and every point of the curve it measured."""
-    if not budget:
+    if budget is None:
         return []
-    st, n = budget.get("settings", {}), budget["n_remove"]
-    if budget.get("criterion", "perplexity") == "retention":
+    st, n = budget.settings, budget.n_remove
+    if budget.criterion == "retention":
         return _retention_budget_lines(budget)
-    points = sorted((int(k), v) for k, v in budget["ppl_by_n"].items())
-    rows = [[str(k), f"{v:.3f}", f"{100 * (v / budget['baseline_ppl'] - 1):+.1f}%", "✓" if v <= budget["limit_ppl"]
-             else "over"] for k, v in points]  # fmt: skip
+    base, limit = budget.baseline_ppl or math.nan, budget.limit_ppl or math.nan
+    points = sorted(budget.ppl_by_n.items())
+    rows = [[str(k), f"{v:.3f}", f"{100 * (v / base - 1):+.1f}%", "✓" if v <= limit else "over"]
+            for k, v in points]  # fmt: skip
     return [
         f"The amount was chosen by a perplexity budget: {n} layers is the most whose removal (in "
         f"{st.get('metric', '?')} order) keeps perplexity on {st.get('text', '?')} within "
-        f"+{st.get('max_increase_pct', '?')}% ({budget['baseline_ppl']:.3f} → {budget['ppl_by_n'][str(n)]:.3f}, "
-        f"limit {budget['limit_ppl']:.3f}); {len(points)} points measured:",
+        f"+{st.get('max_increase_pct', '?')}% ({base:.3f} → {budget.ppl_by_n[n]:.3f}, "
+        f"limit {limit:.3f}); {len(points)} points measured:",
         markdown_table(["layers removed", "perplexity", "change", "within budget"], rows),
     ]
 
 
-def _retention_budget_lines(budget: dict[str, Any]) -> list[str]:
-    st, n, floor = budget.get("settings", {}), budget["n_remove"], budget["min_retention_pct"]
+def _retention_budget_lines(budget: BudgetResult) -> list[str]:
+    st, n, floor = budget.settings, budget.n_remove, budget.min_retention_pct or math.nan
     tasks = st.get("tasks") or []
-    points = sorted((int(k), v) for k, v in budget["retention_by_n"].items())
-    acc = budget.get("accuracy_by_n", {})
+    points = sorted(budget.retention_by_n.items())
+    acc = budget.accuracy_by_n
 
     def task_acc(k: int, t: str) -> str:
-        return fmt(acc.get(str(k), {}).get("tasks", {}).get(t, {}).get("acc"), ".3f")
+        return fmt(acc.get(k, {}).get("tasks", {}).get(t, {}).get("acc"), ".3f")
 
-    rows = [[str(k), *(task_acc(k, t) for t in tasks), fmt(acc.get(str(k), {}).get("average", {}).get("acc"), ".3f"),
+    rows = [[str(k), *(task_acc(k, t) for t in tasks), fmt(acc.get(k, {}).get("average", {}).get("acc"), ".3f"),
              f"{r:.1f}%", "✓" if r >= floor else "under"] for k, r in points]  # fmt: skip
     items = ", ".join(f"{t} {c}" for t, c in (st.get("items") or {}).items())
-    chosen = acc.get(str(n), {}).get("average", {}).get("acc")
+    chosen = acc.get(n, {}).get("average", {}).get("acc")
     return [
         f"The amount was chosen by a multiple-choice retention budget: {n} layers is the most whose removal (in "
         f"{st.get('metric', '?')} order) keeps at least {floor:g}% of the dense model's average accuracy on "
-        f"{', '.join(tasks) or '?'} ({budget['baseline_acc']:.3f} → {fmt(chosen, '.3f')}, retention "
-        f"{budget['retention_by_n'][str(n)]:.1f}%); {len(points)} points measured, on the first items of each task "
+        f"{', '.join(tasks) or '?'} ({fmt(budget.baseline_acc, '.3f')} → {fmt(chosen, '.3f')}, retention "
+        f"{budget.retention_by_n[n]:.1f}%); {len(points)} points measured, on the first items of each task "
         f"({items or '?'}). Retention is average acc ÷ dense average acc × 100. These items chose the amount: "
         "accuracy on the same items in the eval section is not an independent check.",
         markdown_table(["layers removed", *tasks, "average acc", "retention", "within budget"], rows),
@@ -201,7 +208,7 @@ class VariantInfo:
     layers: int | None
     weight_bytes: int | None  # the folder's *.safetensors files
     perplexity: float | None
-    quant: dict[str, Any] | None  # its quantize.json entry
+    quant: QuantizedVariant | None  # its quantize.json entry
 
 
 def variant_folders(run: RunFolder) -> dict[str, Path]:
@@ -224,7 +231,7 @@ def _layers(folder: Path | None, name: str, plan: LayerPlan | None) -> int | Non
 
 
 def variant_infos(run: RunFolder) -> dict[str, VariantInfo]:
-    folders, ppl = variant_folders(run), (run.evaluation or {}).get("perplexity") or {}
+    folders, ppl = variant_folders(run), run.evaluation.perplexity if run.evaluation else {}
     rank = {n: k for k, n in enumerate(VARIANTS)}
     names = sorted({*folders, *ppl, *run.quantize}, key=lambda n: (rank.get(n, len(rank)), n))
     return {
@@ -251,11 +258,10 @@ def _ratio(x: float | None, base: float | None) -> str:
     return "–" if x is None or not base else f"{x / base:.3f}"
 
 
-def _scheme(q: dict[str, Any] | None) -> str:
-    if not q:
+def _scheme(q: QuantizedVariant | None) -> str:
+    if q is None:
         return "–"
-    took = fmt(q.get("duration_s"), ".0f")
-    return f"{q.get('scheme')}, {q.get('bits')}-bit, group {q.get('group_size')}, {took} s ({q.get('producer', '?')})"
+    return f"{q.scheme}, {q.bits}-bit, group {q.group_size}, {fmt(q.duration_s, '.0f')} s ({q.producer or '?'})"
 
 
 def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[str, StageStatus]) -> str:
@@ -274,11 +280,11 @@ def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[
     out += [markdown_table(headers, rows), "Weights: the size of the variant folder's `*.safetensors` files."]
     out += [f"- {i.name}: folder {i.folder} not found" for i in infos.values() if i.folder and not i.folder.is_dir()]
     e = run.evaluation
-    if not e:
+    if e is None:
         return "\n\n".join([*out, _absent("eval", status["eval"])])
-    out.append(f"Perplexity on {e.get('text')}: the first {e.get('max_tokens')} tokens, windows of "
-               f"{e.get('context_len')} tokens every {e.get('stride')} (each token predicted once).")  # fmt: skip
-    if agreement := e.get("agreement"):
+    out.append(f"Perplexity on {e.text}: the first {e.max_tokens} tokens, windows of "
+               f"{e.context_len} tokens every {e.stride} (each token predicted once).")  # fmt: skip
+    if agreement := e.agreement:
         rows = [[a["variant"], a["reference"], f"{a['prompts']} × {a['new_tokens']}", f"{a['token_match']:.1%}",
                  f"{a['mean_prefix_tokens']:.1f}", f"{a['identical_outputs']} of {a['prompts']}"]
                 for a in agreement]  # fmt: skip
@@ -288,9 +294,9 @@ def quality_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[
     return "\n\n".join(out + generation_lines(e) + accuracy_lines(e))
 
 
-def generation_lines(e: dict[str, Any]) -> list[str]:
+def generation_lines(e: EvalResult) -> list[str]:
     """The generative probe: the dense model's perplexity of each variant's greedy text, and its repetition."""
-    gen = e.get("generation") or {}
+    gen = e.generation or {}
     if not gen:
         return []
     rows = [[v, f"{g['reference_perplexity']:.2f}", f"{g['repetition_rate_4gram']:.1%}"] for v, g in gen.items()]
@@ -301,12 +307,12 @@ def generation_lines(e: dict[str, Any]) -> list[str]:
     ]
 
 
-def accuracy_lines(e: dict[str, Any]) -> list[str]:
+def accuracy_lines(e: EvalResult) -> list[str]:
     """Multiple-choice accuracy per variant and task (acc, and acc_norm where it differs), and retention."""
-    acc = e.get("accuracy") or {}
+    acc = e.accuracy
     if not acc:
         return []
-    tasks, retention = e.get("tasks") or [], e.get("retention_pct") or {}
+    tasks, retention = e.tasks, e.retention_pct
     headers = ["variant", *tasks, "average acc", "retention % (÷ dense)"]
 
     def cell(r: dict[str, Any] | None) -> str:
@@ -317,7 +323,7 @@ def accuracy_lines(e: dict[str, Any]) -> list[str]:
         for v, a in acc.items()
     ]
     n = {t: a["tasks"][t]["n"] for a in acc.values() for t in a["tasks"]}
-    limit = f"the first {e['limit']} items of each" if e.get("limit") else "every item"
+    limit = f"the first {e.limit} items of each" if e.limit else "every item"
     return [
         f"Multiple-choice accuracy (acc / acc_norm, {limit}: " + ", ".join(f"{t} n={n[t]}" for t in tasks) + "); "
         "retention is the paper's measure: the variant's average acc ÷ dense's × 100.",
@@ -327,41 +333,41 @@ def accuracy_lines(e: dict[str, Any]) -> list[str]:
 
 def gen_section(run: RunFolder, status: dict[str, StageStatus]) -> str:
     """ShortGPT-gen beside the others: prompted perplexity (the only one a gen model has) and greedy agreement."""
-    e = run.evaluation or {}
-    prompted = e.get("prompted_perplexity") or {}
-    if not prompted:
+    e = run.evaluation
+    prompted = e.prompted_perplexity if e else {}
+    if e is None or not prompted:
         return ""
     first = next(iter(prompted.values()))
     base = (prompted.get("dense") or {}).get("perplexity")
-    agree = {a["variant"]: a for a in e.get("agreement") or [] if a.get("reference") == "dense"}
+    agree = {a["variant"]: a for a in e.agreement if a.get("reference") == "dense"}
     rows = [
         [n, f"{r['perplexity']:.3f}", _ratio(r["perplexity"], base),
          f"{agree[n]['token_match']:.1%}" if n in agree else "–"]
         for n, r in prompted.items()
     ]  # fmt: skip
-    gen = ", ".join(e.get("gen_variants") or [])
+    gen = ", ".join(e.gen_variants)
     return "\n\n".join([
         "## ShortGPT-gen",
         f"{gen}: every weight kept; the plan's layers skip the prompt (still writing its K/V) and run for every "
         "generated token (gen.py). Its perplexity is measured as generation sees it, and so is everyone's here: "
-        f"{first['spans']} spans of {e.get('text')}, each a {first['prompt_len']}-token prompt then "
+        f"{first['spans']} spans of {e.text}, each a {first['prompt_len']}-token prompt then "
         f"{first['scored_len']} tokens scored one decoding step at a time.",
         markdown_table(["variant", "prompted perplexity", "÷ dense", "greedy tokens identical to dense"], rows),
-        *_gen_serving(run.summary, e.get("gen_variants") or []),
+        *_gen_serving(run.summary, e.gen_variants),
     ])  # fmt: skip
 
 
-def _gen_serving(summary: dict[str, Any] | None, gen_variants: list[str]) -> list[str]:
+def _gen_serving(summary: BenchSummary | None, gen_variants: list[str]) -> list[str]:
     """What a served gen variant buys and costs at the lightest load level: TTFT against the prefill FLOP ideal,
     TPOT against the dense model's (the same layers run for every generated token)."""
-    if not summary:
+    if summary is None:
         return []
-    lv, base, out = summary["levels"][0], summary["baseline"], []
+    lv, base, out = summary.levels[0], summary.baseline, []
     for v in gen_variants:
-        if v not in summary["variants"]:
+        if v not in summary.variants:
             continue
-        ttft = ttft_finding(summary, v) or f"{v}: no TTFT ratio (runs missing, or no prompt length)"
-        tpot = [(summary["variants"][n][lv].get("median") or {}).get("p50_tpot_ms") for n in (base, v)]
+        ttft = ttft_finding(summary.to_dict(), v) or f"{v}: no TTFT ratio (runs missing, or no prompt length)"
+        tpot = [(summary.variants[n][lv].get("median") or {}).get("p50_tpot_ms") for n in (base, v)]
         line = f"Served: {ttft}."
         if all(tpot):
             line += (f" TPOT p50 {tpot[0]:.1f} → {tpot[1]:.1f} ms ({tpot[1] / tpot[0]:.2f}× {base}'s; every decoding "
@@ -411,9 +417,9 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
 def serving_section(run: RunFolder, status: dict[str, StageStatus], plots: bool) -> str:
     """The bench table, plots and verdicts; quantized ÷ float speed, paired by repeat, is in quantization_section."""
     out = ["## Serving (vLLM `bench serve`)"]
-    s = run.summary
-    if not s:
+    if run.summary is None:
         return "\n\n".join([*out, _absent("bench", status["bench"]), *_failed_runs(run.runs)])
+    s = run.summary.to_dict()  # the serving tables read summary.json's layout
     if status["bench"].state == "failed":
         out.append(_absent("bench", status["bench"]) + " What did run is below.")
     out += ["\n".join(bench_context(s)), markdown_table(*summary_rows(s))]
@@ -426,13 +432,13 @@ def serving_section(run: RunFolder, status: dict[str, StageStatus], plots: bool)
     return "\n\n".join([*out, *_failed_runs(run.runs)])
 
 
-def _failed_runs(runs: list[dict[str, Any]]) -> list[str]:
-    bad = [r for r in runs if r.get("status") != "ok"]
+def _failed_runs(runs: list[RunRecord]) -> list[str]:
+    bad = [r for r in runs if r.status != "ok"]
     if not runs or not bad:
         return [f"All {len(runs)} benchmark runs succeeded."] if runs else []
     lines = [
-        f"- r{r.get('repeat')} {r.get('variant')} {r.get('level')}: **{r.get('status')}**"
-        + (f" — {' '.join(str(r['message']).split())}" if r.get("message") else "")
+        f"- r{r.repeat} {r.variant} {r.level}: **{r.status}**"
+        + (f" — {' '.join(str(r.message).split())}" if r.message else "")
         for r in bad
     ]
     return [f"### Benchmark runs that did not succeed ({len(bad)} of {len(runs)})", "\n".join(lines)]
@@ -463,22 +469,22 @@ def quantization_section(run: RunFolder, infos: dict[str, VariantInfo], status: 
     ]
     if not pairs and len(out) == 1:
         out.append("_No quantized variant with its float parent to compare._")
-    agreement = {(a["variant"], a["reference"]): a for a in (run.evaluation or {}).get("agreement") or []}
+    agreement = {(a["variant"], a["reference"]): a for a in (run.evaluation.agreement if run.evaluation else [])}
     for q, p in pairs:
         out.append(_gains(q, p, agreement.get((q.name, p.name))))
-        if run.summary and {q.name, p.name} <= set(run.summary["variants"]):
-            out.append(speed_finding(run.summary, q.name, p.name))
+        if run.summary is not None and {q.name, p.name} <= set(run.summary.variants):
+            out.append(speed_finding(run.summary.to_dict(), q.name, p.name))
         else:
             out.append(f"Speed: {q.name} and {p.name} were not both benchmarked.")
     return "\n\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def _measured(summary: dict[str, Any] | None) -> bool:
+def _measured(summary: BenchSummary | None) -> bool:
     """Whether any run of the benchmark succeeded (else there is nothing to plot)."""
-    if not summary:
+    if summary is None:
         return False
-    return any(c.get("median") for levels in summary["variants"].values() for c in levels.values())
+    return any(c.get("median") for levels in summary.variants.values() for c in levels.values())
 
 
 def analyses_section(run_dir: Path) -> str:
@@ -501,8 +507,9 @@ def write_report(run_dir: Path) -> Path:
     status, infos, plots = stage_status(run), variant_infos(run), _measured(run.summary)
     if plots:
         run.dir.plots.mkdir(exist_ok=True)
-        plot_throughput(run.summary, run.dir.plots / "throughput.png")  # type: ignore[arg-type]
-        plot_latency(run.summary, run.dir.plots / "latency.png")  # type: ignore[arg-type]
+        summary = run.summary.to_dict()  # type: ignore[union-attr]  (_measured: not None)
+        plot_throughput(summary, run.dir.plots / "throughput.png")
+        plot_latency(summary, run.dir.plots / "latency.png")
     sections = [
         header_section(run, status),
         scores_section(run, status),

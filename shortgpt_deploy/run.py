@@ -1,8 +1,12 @@
 """THE run folder: where each artifact lives, how it is read and written, the typed manifest and StageStatus.
 
 Every stage, the report, the analyses and the CLI reach a run folder through `RunDir`; nobody else joins a
-run-folder path or parses a status string. What run.py writes carries `schema_version` (SCHEMA_VERSION);
-what it reads may lack it, because run folders from earlier versions exist (runs/), and those still load.
+run-folder path or parses a status string. Each artifact loads as the type its stage made (LayerScores,
+LayerPlan, BudgetResult, RepairResult, QuantizedVariant per variant, EvalResult, BenchSummary and RunRecord);
+the analyses stay JSON objects (their layouts are analyze_plots' business). What run.py writes carries
+`schema_version` (SCHEMA_VERSION) first, except bench/runs.json, a list as earlier reports read it; what it
+reads may lack it, because run folders from earlier versions exist (runs/), and those still load. A file that
+is damaged, foreign or from a newer version is a RunFolderError naming the file and the fix.
 
     recipe.yaml  manifest.json  scores.json  plan.json  budget.json  bi.png   (score and prune)
     pruned/  gen/  repaired/  repair.json  dense-gptq/ ...  quantize.json     (the checkpoints and how made)
@@ -14,20 +18,26 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .errors import ShortGPTError
 from .files import atomic_write_text
 from .manifest import git_revision, machine, package_versions
 
 if TYPE_CHECKING:
+    from .bench_records import BenchSummary, RunRecord
+    from .budget import BudgetResult
+    from .evaluate import EvalResult
     from .importance import LayerScores
     from .plan import LayerPlan
+    from .quantize import QuantizedVariant
     from .repair import RepairResult
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 # The analyses `analyze RUN_DIR --what ...` can write into a run folder (analyze.py runs them; the report lists
@@ -149,6 +159,8 @@ class RunDir:
     bench = property(lambda self: self.root / "bench")
     bench_summary_path = property(lambda self: self.root / "bench" / "summary.json")
     bench_runs_path = property(lambda self: self.root / "bench" / "runs.json")
+    bench_logs = property(lambda self: self.root / "bench" / "logs")  # server and client output of each run
+    bench_lock = property(lambda self: self.root / "bench" / ".lock")  # held while a benchmark writes bench/
     report = property(lambda self: self.root / "report.md")
     plots = property(lambda self: self.root / "plots")
     logs = property(lambda self: self.root / "logs")
@@ -218,42 +230,102 @@ class RunDir:
     def save_repair(self, result: RepairResult) -> None:
         result.save(self.repair_path)  # versioned by RepairResult itself (its schema_version)
 
-    # artifacts kept as JSON objects: their readers (report, orthogonality) take the fields they know
-    def load_budget(self) -> dict[str, Any] | None:
-        return read_json(self.budget_path)
+    def load_budget(self) -> BudgetResult | None:
+        from .budget import BudgetResult
 
-    def save_budget(self, data: dict[str, Any]) -> None:
-        write_json(self.budget_path, data)
+        return self._load_typed(self.budget_path, BudgetResult.from_dict, "the build (its prune.budget)")
 
-    def load_quantize(self) -> dict[str, dict[str, Any]]:
-        """quantize.json: quantized variant → how it was made. Its schema_version sits beside the variants (so
-        earlier readers still iterate the entries), and is left out here."""
-        data = read_json(self.quantize_path) or {}
-        return {k: v for k, v in data.items() if isinstance(v, dict)}
+    def save_budget(self, result: BudgetResult) -> None:
+        write_json(self.budget_path, result.to_dict())
 
-    def save_quantize(self, entries: dict[str, dict[str, Any]]) -> None:
-        write_json(self.quantize_path, entries)
+    def load_quantize(self) -> dict[str, QuantizedVariant]:
+        """quantize.json: quantized variant → how it was made ({} when absent). Its schema_version sits beside
+        the variants (so earlier readers still iterate the entries), and is skipped here."""
+        from .quantize import QuantizedVariant
 
-    def load_eval(self) -> dict[str, Any] | None:
-        return read_json(self.eval_path)
+        def parse(data: dict[str, Any]) -> dict[str, QuantizedVariant]:
+            return {k: QuantizedVariant.from_dict(v) for k, v in data.items() if k != "schema_version"}
 
-    def save_eval(self, data: dict[str, Any]) -> None:
-        write_json(self.eval_path, data)
+        return self._load_typed(self.quantize_path, parse, "the quantize stage") or {}
 
-    def load_bench_summary(self) -> dict[str, Any] | None:
-        return read_json(self.bench_summary_path)  # written by bench.py, inside bench/
+    def save_quantize(self, variants: dict[str, QuantizedVariant]) -> None:
+        write_json(self.quantize_path, {name: v.to_dict() for name, v in variants.items()})
 
-    def load_bench_runs(self) -> list[dict[str, Any]]:
-        return read_json(self.bench_runs_path) or []
+    def load_eval(self) -> EvalResult | None:
+        from .evaluate import EvalResult
+
+        return self._load_typed(self.eval_path, EvalResult.from_dict, "the eval stage")
+
+    def save_eval(self, result: EvalResult) -> None:
+        write_json(self.eval_path, result.to_dict())
+
+    def load_bench_summary(self) -> BenchSummary | None:
+        from .bench_records import BenchSummary
+
+        return self._load_typed(self.bench_summary_path, BenchSummary.from_dict, "the benchmark")
+
+    def save_bench_summary(self, summary: BenchSummary) -> None:
+        self.bench.mkdir(parents=True, exist_ok=True)
+        write_json(self.bench_summary_path, summary.to_dict())
+
+    def load_bench_runs(self) -> list[RunRecord]:
+        """bench/runs.json: every planned run's status ([] when absent)."""
+        from .bench_records import RunRecord
+
+        def parse(data: list[dict[str, Any]]) -> list[RunRecord]:
+            if not isinstance(data, list):
+                raise TypeError(f"a list of runs expected, not {type(data).__name__}")
+            return [RunRecord.from_dict(r) for r in data]
+
+        return self._load_typed(self.bench_runs_path, parse, "the benchmark") or []
+
+    def save_bench_runs(self, records: list[RunRecord]) -> None:
+        """A JSON list as earlier versions wrote it (their report reads it), so without schema_version."""
+        self.bench.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.bench_runs_path, json.dumps([r.to_dict() for r in records], indent=2))
+
+    def bench_result(self, name: str) -> Path:
+        """One `vllm bench serve` result (`r{repeat}-{variant}-{level}`), as vLLM's client writes it."""
+        return self.bench / f"{name}.json"
+
+    def bench_log(self, name: str) -> Path:
+        return self.bench_logs / f"{name}.log"
 
     def load_analysis(self, what: str) -> dict[str, Any] | None:
-        return read_json(self.analysis_paths(what)[0])
+        """An analysis's JSON object (the analyses' own layouts, read by analyze_plots); a newer or foreign file
+        is a RunFolderError."""
+        path = self.analysis_paths(what)[0]
+
+        def parse(data: dict[str, Any]) -> dict[str, Any]:
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON object expected, not {type(data).__name__}")
+            return data
+
+        return self._load_typed(path, parse, f"`shortgpt-deploy analyze RUN_DIR --what {what}`")
 
     def save_analysis(self, what: str, data: dict[str, Any]) -> tuple[Path, Path]:
         self.root.mkdir(parents=True, exist_ok=True)
         json_path, png_path = self.analysis_paths(what)
         write_json(json_path, data)
         return json_path, png_path
+
+    def _load_typed(self, path: Path, parse: Callable[[Any], T], rerun: str) -> T | None:
+        """`parse` of the JSON at `path` (None when absent); a damaged, foreign or newer file is a RunFolderError
+        that names the file and the fix."""
+        data = read_json(path)
+        if data is None:
+            return None
+        fix = f"re-run {rerun} to rewrite it, or delete it"
+        version = data.get("schema_version", 0) if isinstance(data, dict) else 0
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise RunFolderError(
+                f"{path} has schema_version {version!r}, newer than this shortgpt-deploy reads ({SCHEMA_VERSION}): "
+                f"upgrade shortgpt-deploy, or {fix}"
+            )
+        try:
+            return parse(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise RunFolderError(f"{path} is not a file shortgpt-deploy wrote ({err!r}); {fix}") from None
 
     def variant_folders(self, manifest: Manifest | None = None) -> dict[str, Path]:
         """Variant name → checkpoint folder: the manifest's `variants`, else (older folders) the dense source,
@@ -264,7 +336,7 @@ class RunDir:
             found["dense"] = src
         if (self.root / "pruned").is_dir():
             found["pruned"] = "pruned"
-        found |= {name: q["out_dir"] for name, q in self.load_quantize().items() if q.get("out_dir")}
+        found |= {name: q.out_dir for name, q in self.load_quantize().items() if q.out_dir}
         return {name: self.checkpoint(p) for name, p in (found | m.variants).items()}
 
     def model_path(self) -> str | None:

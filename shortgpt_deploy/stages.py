@@ -184,7 +184,7 @@ def _score(ctx: StageContext) -> StageStatus:
             budget = select_budget(
                 model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, ctx.source), progress=ctx.progress
             )
-        ctx.run.save_budget(budget.to_dict())
+        ctx.run.save_budget(budget)
         note += f"; the {p.budget.criterion} budget allows {budget.n_remove} removed"
     return StageStatus("complete", note)
 
@@ -201,7 +201,7 @@ def _plan(ctx: StageContext) -> StageStatus:
     plan = make_plan(
         num_layers=read_config_layers(ctx.source.path),
         scores=scores,
-        n_remove=budget["n_remove"] if budget is not None else p.n_remove,
+        n_remove=budget.n_remove if budget is not None else p.n_remove,
         ratio=p.ratio,
         layers=p.layers,
         protect=p.protect,
@@ -343,7 +343,7 @@ def _repair(ctx: StageContext) -> StageStatus:
 def _quantize(ctx: StageContext) -> StageStatus:
     """GPTQ of each float checkpoint the quantize section names, calibrated on the recipe's calibration text."""
     from .modeling import source_add_bos
-    from .quantize import quantize_checkpoint
+    from .quantize import QuantizedVariant, quantize_checkpoint
 
     recipe, manifest = ctx.recipe, ctx.manifest
     q, choice = recipe.quantize, manifest.inputs["quantize"]  # settled by preflight
@@ -351,7 +351,7 @@ def _quantize(ctx: StageContext) -> StageStatus:
     calib = recipe.calibration.model_copy(
         update={"samples": q.samples, "seq_len": q.seq_len, "batch_size": q.batch_size}
     )
-    results: dict[str, dict] = {}
+    results: dict[str, QuantizedVariant] = {}
     for source in q.variants:
         name = source + QUANTIZED_SUFFIX
         with manifest.timed(f"quantize_{source}"):
@@ -363,10 +363,10 @@ def _quantize(ctx: StageContext) -> StageStatus:
                 calibration=calib,
                 add_bos=source_add_bos(recipe.model),
             )
-        results[name] = result.to_dict() | {"out_dir": name, "source": source}
+        results[name] = QuantizedVariant.of(result, folder=name, source=source)
         ctx.run.save_quantize(results)
         ctx.add_variant(name)
-    done = ", ".join(f"{n}: {r['scheme']} g{r['group_size']} in {r['duration_s']:.0f} s" for n, r in results.items())
+    done = ", ".join(f"{n}: {r.scheme} g{r.group_size} in {r.duration_s:.0f} s" for n, r in results.items())
     return StageStatus("complete", "; ".join(x for x in (done, choice["note"]) if x), servable=choice["servable_here"])
 
 
@@ -386,7 +386,7 @@ def _eval(ctx: StageContext) -> StageStatus:
     )  # fmt: skip
     result.models = {n: str(p) for n, p in models.items()}
     result.provenance = provenance()
-    ctx.run.save_eval(result.to_dict())
+    ctx.run.save_eval(result)
     acc = {n: a["average"]["acc"] for n, a in result.accuracy.items()}
     # a gen variant has no plain perplexity: its note gives the prompted one (eval.json has it for every variant)
     ppl = {n: f"ppl {r['perplexity']:.1f}" for n, r in result.perplexity.items()}

@@ -29,6 +29,7 @@ from shortgpt_deploy.bench import (
 )
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.plan import make_plan
+from shortgpt_deploy.run import RunDir
 from shortgpt_deploy.surgery import prune_checkpoint
 
 
@@ -214,7 +215,7 @@ def test_runs_are_interleaved_and_summarised(tmp_path, fake, monkeypatch):
     summary = run_benchmark(variants, Workload(repeats=2), out_dir=tmp_path, tokenizer=tmp_path)
     assert order == [f"r{r}-{v}-{c}.json" for r in (1, 2) for v in "ab" for c in ("c1", "c4")]
     assert statuses(tmp_path) == ["ok"] * 8
-    assert summary["variants"]["b"]["c4"]["tokens_per_s_ratio"]["per_repeat"] == [1.0, 1.0]
+    assert summary.variants["b"]["c4"]["tokens_per_s_ratio"]["per_repeat"] == [1.0, 1.0]
     assert json.loads((tmp_path / "bench" / "summary.json").read_text())["baseline"] == "a"
 
 
@@ -227,7 +228,7 @@ def test_failed_and_timed_out_runs_are_recorded(tmp_path, fake, monkeypatch):
     with pytest.raises(BenchIncompleteError) as err:
         workload = Workload(levels=(Level(max_concurrency=1),), repeats=1)
         run_benchmark([Variant("a", endpoint=fake.url)], workload, out_dir=tmp_path, tokenizer=tmp_path, timeout_s=1)
-    assert statuses(tmp_path) == ["timeout"] and err.value.summary["variants"]["a"]["c1"]["repeats"] == 0
+    assert statuses(tmp_path) == ["timeout"] and err.value.summary.variants["a"]["c1"]["repeats"] == 0
 
 
 def test_a_server_that_dies_skips_the_rest(tmp_path, fake, monkeypatch):
@@ -248,7 +249,7 @@ def test_a_server_that_dies_skips_the_rest(tmp_path, fake, monkeypatch):
         run_benchmark(variants, Workload(repeats=2), out_dir=tmp_path, tokenizer=tmp_path)
     assert statuses(tmp_path) == ["ok", "ok", "server_died", "skipped", "ok", "ok", "server_failed", "server_failed"]
     assert calls == ["r1-a-c1.json", "r1-a-c4.json", "r1-b-c1.json", "r2-a-c1.json", "r2-a-c4.json"]
-    assert err.value.summary["variants"]["a"]["c4"]["repeats"] == 2  # partial results are kept
+    assert err.value.summary.variants["a"]["c4"]["repeats"] == 2  # partial results are kept
     assert (tmp_path / "bench" / "r1-a-c1.json").is_file()
 
 
@@ -286,16 +287,16 @@ def test_real_bench_of_a_tiny_model_and_its_pruned_copy(tmp_path):
     for name in ("dense", "pruned"):
         result = json.loads((tmp_path / "out" / "bench" / f"r1-{name}-c1.json").read_text())
         assert result["completed"] == 4 and result["failed"] == 0 and result["model_id"] == name
-    ratio = summary["variants"]["pruned"]["c1"]["tokens_per_s_ratio"]
-    assert ratio["median"] > 0 and summary["ideal_ratio"]["pruned"] > 1
-    assert summary["variants"]["pruned"]["c1"]["median"]["p50_ttft_ms"] > 0
+    ratio = summary.variants["pruned"]["c1"]["tokens_per_s_ratio"]
+    assert ratio["median"] > 0 and summary.ideal_ratio["pruned"] > 1
+    assert summary.variants["pruned"]["c1"]["median"]["p50_ttft_ms"] > 0
 
 
 def test_client_command_line(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
     workload = Workload(slos=(parse_slo("ttft:500"), parse_slo("tpot:50")), output_len=32)
-    plan = bench.Plan(workload, tmp_path, tmp_path / "tok", timeout_s=60)
+    plan = bench.Plan(workload, RunDir(tmp_path), tmp_path / "tok", timeout_s=60)
     target = bench.Target("http://127.0.0.1:8123", "pruned", lambda: True)
     argv = bench.bench_argv(plan, target, Level(max_concurrency=4), "r1-pruned-c4.json")
     assert argv[1:5] == ["-m", "shortgpt_deploy.vllm_cli", "bench", "serve"]
@@ -306,7 +307,7 @@ def test_client_command_line(tmp_path):
         "--dataset-name random --random-input-len 128 --random-output-len 32 --num-prompts 24 --seed 0",
         "--max-concurrency 4 --num-warmups 2 --ignore-eos",
         "--percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --goodput ttft:500 tpot:50",
-        f"--save-result --result-dir {tmp_path} --result-filename r1-pruned-c4.json",
+        f"--save-result --result-dir {tmp_path / 'bench'} --result-filename r1-pruned-c4.json",
     ]:
         assert part in joined
     plan.workload = Workload(dataset_path=prompts)

@@ -11,6 +11,7 @@ from helpers import dense_folder, gen_folder
 from transformers import DynamicCache
 
 from shortgpt_deploy.bench import summarize
+from shortgpt_deploy.bench_records import BenchSummary
 from shortgpt_deploy.evaluate import continuation_loglikelihoods, evaluate_variants, prompted_perplexity
 from shortgpt_deploy.gen import continuation_logprobs
 from shortgpt_deploy.modeling import load_model
@@ -107,6 +108,6 @@ def test_eval_with_a_gen_variant_and_its_report_section(tmp_path: Path) -> None:
     summary = summarize([("dense", "c1", 1, result(40.0)), ("gen", "c1", 1, result(32.0))],
                         variants=["dense", "gen"], levels=["c1"], flops={"dense": 1, "gen": 1})  # fmt: skip
     summary |= {"workload": {"input_len": 1024}, "ttft_ideal_ratio": {"dense": 1.0, "gen": 1.3}}
-    section = gen_section(dataclasses.replace(load_run(run), summary=summary), {})
+    section = gen_section(dataclasses.replace(load_run(run), summary=BenchSummary.from_dict(summary)), {})
     assert "Served: gen/dense TTFT p50 at c1: 40.0 → 32.0 ms = 1.25× faster vs ideal 1.30×" in section
     assert "TPOT p50 60.0 → 60.0 ms (1.00× dense's" in section

@@ -4,6 +4,7 @@ artifacts that load back, variant folders; stages.py's protocol and loop; analys
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,9 +13,13 @@ from types import SimpleNamespace
 import pytest
 
 from shortgpt_deploy import stages
+from shortgpt_deploy.bench_records import BenchSummary, RunRecord
+from shortgpt_deploy.budget import BudgetResult
 from shortgpt_deploy.errors import ShortGPTError
+from shortgpt_deploy.evaluate import EvalResult
 from shortgpt_deploy.importance import LayerScores
 from shortgpt_deploy.plan import make_plan
+from shortgpt_deploy.quantize import QuantizedVariant, QuantizeResult
 from shortgpt_deploy.report import write_report
 from shortgpt_deploy.run import SCHEMA_VERSION, Manifest, RunDir, RunFolderError, StageStatus
 
@@ -86,15 +91,151 @@ def test_artifacts_are_versioned_and_load_back(tmp_path):
     plan = make_plan(num_layers=4, layers=[1, 2])
     run.save_plan(plan)
     assert run.load_plan() == plan
-    run.save_quantize({"pruned-gptq": {"scheme": "w4a16", "out_dir": "pruned-gptq"}})
+    run.save_quantize({"pruned-gptq": QUANTIZED})
     assert json.loads(run.quantize_path.read_text())["schema_version"] == SCHEMA_VERSION
-    assert run.load_quantize() == {"pruned-gptq": {"scheme": "w4a16", "out_dir": "pruned-gptq"}}
-    run.save_eval({"perplexity": {"dense": {"perplexity": 3.0}}})
-    assert run.load_eval() == {"schema_version": SCHEMA_VERSION, "perplexity": {"dense": {"perplexity": 3.0}}}
+    assert run.load_quantize() == {"pruned-gptq": QUANTIZED}
+    run.save_eval(EVAL)
+    assert next(iter(json.loads(run.eval_path.read_text()))) == "schema_version"  # first
+    assert run.load_eval() == EVAL
     json_path, png_path = run.save_analysis("ratio-sweep", {"analysis": "ratio-sweep"})
     assert (json_path.name, png_path.name) == ("ratio_sweep.json", "ratio_sweep.png")
     assert run.load_analysis("ratio-sweep") == {"schema_version": SCHEMA_VERSION, "analysis": "ratio-sweep"}
     assert run.load_budget() is None and run.load_repair() is None and run.load_bench_runs() == []
+    assert run.load_bench_summary() is None
+
+
+# Artifacts as the stages make them (typed), and the same files as earlier versions wrote them (no schema_version).
+QUANTIZED = QuantizedVariant.of(
+    QuantizeResult(Path("/abs/pruned-gptq"), "w4a16", 4, 128, "cpu", "gptqmodel 7.6.0", {"samples": 8}, 42.0),
+    folder="pruned-gptq",
+    source="pruned",
+)
+EVAL = EvalResult(
+    text="austen:persuasion", context_len=64, stride=32, max_tokens=400, greedy_prompts=2, greedy_tokens=4,
+    dtype="float32", perplexity={"dense": {"perplexity": 3.0, "nll_per_token": 1.1, "num_tokens": 399}},
+    agreement=[{"variant": "pruned", "reference": "dense", "prompts": 2, "new_tokens": 4, "token_match": 0.5}],
+    greedy_tokens_by_variant={"dense": [[1, 2, 3, 4]]}, prompted_perplexity={"gen": {"perplexity": 4.0}},
+    gen_variants=["gen"], generation={"pruned": {"reference_perplexity": 9.0, "repetition_rate_4gram": 0.1}},
+    tasks=["piqa"], limit=10, accuracy={"dense": {"average": {"acc": 0.6}, "tasks": {}}},
+    retention_pct={"dense": 100.0},
+    models={"dense": "/m/dense"}, provenance={"git_revision": "abc"},
+)  # fmt: skip
+PPL_BUDGET = BudgetResult(3, [4, 1, 2, 0], "perplexity", limit_ppl=11.0, baseline_ppl=10.0,
+                          ppl_by_n={0: 10.0, 1: 10.2, 2: 10.5, 4: 12.0, 3: 10.9}, settings={"n_max": 4})  # fmt: skip
+RETENTION_BUDGET = BudgetResult(
+    1, [2, 0], "retention", min_retention_pct=90.0, baseline_acc=0.5, retention_by_n={0: 100.0, 1: 95.0, 2: 60.0},
+    accuracy_by_n={0: {"average": {"acc": 0.5}}, 1: {"average": {"acc": 0.475}}, 2: {"average": {"acc": 0.3}}},
+)  # fmt: skip
+CELL = {"repeats": 1, "median": {"output_tokens_per_s": 100.0}, "tokens_per_s_range": [100.0, 100.0],
+        "tokens_per_s_ratio": {"median": 1.0, "min": 1.0, "max": 1.0, "per_repeat": [1.0]}}  # fmt: skip
+SUMMARY = BenchSummary(
+    baseline="dense", levels=["c1"], flops_per_token={"dense": 300, "pruned": None},
+    ideal_ratio={"dense": 1.0, "pruned": None}, variants={"dense": {"c1": CELL}, "pruned": {"c1": CELL}},
+    workload={"input_len": 128, "repeats": 1}, ttft_ideal_ratio={"dense": 1.0, "pruned": None}, tokenizer="/tok",
+    sources={"dense": "/m/dense", "pruned": "http://127.0.0.1:8000"}, provenance={"load_1min_start_end": [0.5, 1.0]},
+)  # fmt: skip
+RUNS = [RunRecord(1, "dense", "c1", "ok", "r1-dense-c1.json", 3.5, 0.7), RunRecord(1, "pruned", "c1", "failed",
+        message="exit code 3")]  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", [PPL_BUDGET, RETENTION_BUDGET], ids=["perplexity", "retention"])
+def test_budget_round_trip_and_old_files(tmp_path, budget):
+    run = RunDir(tmp_path)
+    run.save_budget(budget)
+    on_disk = json.loads(run.budget_path.read_text())
+    assert next(iter(on_disk)) == "schema_version" and on_disk == {"schema_version": SCHEMA_VERSION} | budget.to_dict()
+    assert run.load_budget() == budget
+    assert set(on_disk) & {"ppl_by_n", "retention_by_n"} == {"ppl_by_n" if budget is PPL_BUDGET else "retention_by_n"}
+    run.budget_path.write_text(json.dumps(budget.to_dict()))  # as earlier builds wrote it: string keys, no version
+    back = run.load_budget()
+    assert back == budget and all(isinstance(n, int) for n in (back.ppl_by_n or back.retention_by_n))
+
+
+def test_old_quantize_eval_and_bench_files_load(tmp_path):
+    run = RunDir(tmp_path)
+    entry = QUANTIZED.to_dict() | {"out_dir": str(tmp_path / "pruned-gptq")}  # earlier: an absolute out_dir
+    run.quantize_path.write_text(json.dumps({"pruned-gptq": entry, "dense-gptq": entry | {"source": None}}))
+    loaded = run.load_quantize()
+    assert loaded["pruned-gptq"] == dataclasses.replace(QUANTIZED, out_dir=str(tmp_path / "pruned-gptq"))
+    assert loaded["dense-gptq"].source is None and "source" not in loaded["dense-gptq"].to_dict()
+    assert run.variant_folders(Manifest.from_json({}))["pruned-gptq"] == tmp_path / "pruned-gptq"
+    # an early eval.json: no greedy settings, dtype or optional parts
+    early = {"text": "t", "context_len": 512, "stride": 256, "max_tokens": 4096, "perplexity": {"dense": {}}}
+    run.eval_path.write_text(json.dumps(early))
+    e = run.load_eval()
+    assert e is not None and (e.text, e.max_tokens, e.agreement, e.accuracy, e.generation) == ("t", 4096, [], {}, None)
+    assert e.to_dict().items() >= early.items()
+    # bench as bench.py wrote it before RunDir did: no schema_version, no trailing newline; a summary by hand
+    run.bench.mkdir()
+    run.bench_summary_path.write_text(json.dumps(SUMMARY.to_dict(), indent=2))
+    run.bench_runs_path.write_text(json.dumps([r.to_dict() for r in RUNS], indent=2))
+    assert run.load_bench_summary() == SUMMARY and run.load_bench_runs() == RUNS
+    bare = {k: v for k, v in SUMMARY.to_dict().items() if k in ("baseline", "levels", "flops_per_token",
+            "ideal_ratio", "variants")}  # fmt: skip
+    run.bench_summary_path.write_text(json.dumps(bare))
+    assert run.load_bench_summary().to_dict() == bare  # what it lacks stays absent
+    run.bench_runs_path.write_text(json.dumps([{"repeat": 1, "variant": "a", "level": "c1", "status": "ok"}]))
+    assert run.load_bench_runs() == [RunRecord(1, "a", "c1", "ok")]
+
+
+def test_bench_files_keep_their_layout(tmp_path):
+    run = RunDir(tmp_path)
+    run.save_bench_summary(SUMMARY)
+    run.save_bench_runs(RUNS)
+    keys = ["schema_version", "baseline", "levels", "flops_per_token", "ideal_ratio", "variants", "workload",
+            "ttft_ideal_ratio", "tokenizer", "sources", "provenance"]  # fmt: skip
+    assert list(json.loads(run.bench_summary_path.read_text())) == keys
+    assert run.load_bench_summary() == SUMMARY
+    runs = json.loads(run.bench_runs_path.read_text())  # a list, as earlier reports read it
+    assert list(runs[0]) == [
+        "repeat",
+        "variant",
+        "level",
+        "status",
+        "result_file",
+        "duration_s",
+        "load_1min",
+        "message",
+    ]
+    assert run.load_bench_runs() == RUNS
+    assert run.bench_result("r1-dense-c1") == run.bench / "r1-dense-c1.json"
+    assert run.bench_log("r1-dense-server") == run.bench_logs / "r1-dense-server.log"
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "load"),
+    [
+        ("budget.json", {"criterion": "perplexity"}, lambda r: r.load_budget()),
+        ("budget.json", {"n_remove": 2, "order": [1, 0], "ppl_by_n": {"one": 1.0}}, lambda r: r.load_budget()),
+        ("quantize.json", {"pruned-gptq": {"scheme": "w4a16"}}, lambda r: r.load_quantize()),
+        ("quantize.json", {"pruned-gptq": "w4a16"}, lambda r: r.load_quantize()),
+        ("eval.json", {"ok": True}, lambda r: r.load_eval()),
+        ("eval.json", ["not", "an", "object"], lambda r: r.load_eval()),
+        ("bench/summary.json", {"baseline": "a", "levels": []}, lambda r: r.load_bench_summary()),
+        ("bench/runs.json", {"runs": []}, lambda r: r.load_bench_runs()),
+        ("bench/runs.json", [{"status": "ok"}], lambda r: r.load_bench_runs()),
+        ("ratio_sweep.json", ["x"], lambda r: r.load_analysis("ratio-sweep")),
+    ],
+)
+def test_a_foreign_artifact_is_a_run_folder_error(tmp_path, path, content, load):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(json.dumps(content))
+    with pytest.raises(RunFolderError, match=rf"{path} is not a file shortgpt-deploy wrote .*; re-run .* or delete it"):
+        load(RunDir(tmp_path))
+
+
+@pytest.mark.parametrize("path", ["budget.json", "eval.json", "bench/summary.json", "metrics.json"])
+def test_a_newer_or_damaged_artifact_is_a_run_folder_error(tmp_path, path):
+    run = RunDir(tmp_path)
+    load = {"budget.json": run.load_budget, "eval.json": run.load_eval, "bench/summary.json": run.load_bench_summary,
+            "metrics.json": lambda: run.load_analysis("metrics")}[path]  # fmt: skip
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(RunFolderError, match=rf"{path} has schema_version {SCHEMA_VERSION + 1}, newer .*upgrade"):
+        load()
+    (tmp_path / path).write_text('{"baseline": ')
+    with pytest.raises(RunFolderError, match=rf"cannot read .*{path}.*re-run the stage that writes it"):
+        load()
 
 
 def test_scores_without_a_schema_version_still_load(tmp_path):
@@ -107,7 +248,7 @@ def test_scores_without_a_schema_version_still_load(tmp_path):
 def test_variant_folders_from_the_manifest_or_from_what_an_old_folder_has(tmp_path):
     run = RunDir(tmp_path / "run")
     (run.root / "pruned").mkdir(parents=True)
-    run.save_quantize({"pruned-gptq": {"out_dir": "pruned-gptq"}})
+    run.save_quantize({"pruned-gptq": QUANTIZED})
     old = Manifest.from_json({"inputs": {"checkpoint": {"path": "/models/dense"}}})
     assert run.variant_folders(old) == {
         "dense": Path("/models/dense"), "pruned": run.root / "pruned", "pruned-gptq": run.root / "pruned-gptq"
@@ -176,7 +317,7 @@ def test_a_stage_that_makes_the_folder_propagates_its_error(tmp_path):
 
 def test_run_stage_skips_records_failures_and_marks_an_interruption(tmp_path):
     def wrote(ctx):
-        ctx.run.save_eval({"ok": True})
+        ctx.run.save_eval(EVAL)
         return StageStatus("complete", "measured")
 
     def broken(ctx):

@@ -182,7 +182,7 @@ def build(
         progress=not no_progress,
     )  # fmt: skip
     if append_markdown is not None and (summary := RunDir(result.run_dir).load_bench_summary()) is not None:
-        append_bench_section(append_markdown, summary)
+        append_bench_section(append_markdown, summary.to_dict())
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:

@@ -127,9 +127,10 @@ def bench(
             out.print(line.replace("**", ""))
 
     try:
-        summary = b.run_benchmark(variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=timeout_s)
+        result = b.run_benchmark(variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=timeout_s)
+        summary = result.to_dict()
     except b.BenchIncompleteError as err:
-        show(err.summary)
+        show(err.summary.to_dict())
         raise
     show(summary)
     if append_markdown is not None:
