@@ -33,6 +33,7 @@ from .checkpoint import (
     copy_side_files,
     is_quantized,
     output_transaction,
+    read_config,
     read_config_layers,
     read_layer_tensors,
 )
@@ -275,6 +276,7 @@ def quantize_checkpoint(
     card gets a quantization section.
     """
     src, out_dir = Path(src), Path(out_dir)
+    read_config(src)  # a folder that is no checkpoint says so before the scheme or the machine is considered
     if is_quantized(src):
         raise QuantizeError(f"{src} is already quantized (config.json has quantization_config); give the float one")
     with output_transaction(out_dir, force=force) as tmp:
