@@ -176,6 +176,75 @@ def evaluate_perplexity(
     return perplexity(model, ids, context_len=context_len, stride=stride, text=text, progress=progress)
 
 
+# ------------------------------------------------------------------------------------- one checkpoint (eval)
+@dataclass(frozen=True)
+class CheckpointEvalSpec:
+    """What `eval` measures on one checkpoint: held-out perplexity, our multiple-choice `tasks` (names in
+    tasks.TASKS), lm-evaluation-harness `lm_eval` tasks, or several. A combination that measures nothing, or
+    `limit`/`shots` without tasks to apply to, fails here, before any model loads."""
+
+    text: str = "austen:persuasion"
+    context_len: int = 512
+    stride: int = 256
+    max_tokens: int = 16384
+    tasks: tuple[str, ...] = ()
+    lm_eval: tuple[str, ...] = ()
+    limit: int | None = None  # items per task
+    shots: int | None = None  # few-shot examples per prompt (default: the task's)
+    batch_size: int = 8
+    perplexity: bool | None = None  # None: only when no task is given
+
+    def __post_init__(self) -> None:
+        if not self.tasks and not self.lm_eval and (self.limit is not None or self.shots is not None):
+            raise EvalError("--limit and --shots apply to multiple-choice tasks: add --tasks, e.g. --tasks piqa")
+        if not self.runs_perplexity and not self.tasks and not self.lm_eval:
+            raise EvalError("nothing to evaluate: give --tasks, or drop --no-perplexity")
+
+    @property
+    def runs_perplexity(self) -> bool:
+        return self.perplexity if self.perplexity is not None else not (self.tasks or self.lm_eval)
+
+
+def evaluate_checkpoint(
+    model: str, spec: CheckpointEvalSpec, *, log: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """`eval`: what `spec` asks of one checkpoint (a folder, or any model spec modeling.resolve_checkpoint takes),
+    with the libraries' output in `log` (runtime.third_party_output) when given.
+
+    Returns the report `eval --json` prints: multiple_choice.evaluate_tasks' layout with tasks; the perplexity's
+    fields at the top level when it is measured alone, else under "perplexity"; the harness's under "lm_eval".
+    """
+    import contextlib
+
+    from .modeling import resolve_checkpoint
+    from .multiple_choice import evaluate_tasks
+    from .runtime import third_party_output
+
+    with third_party_output(log) if log is not None else contextlib.nullcontext():
+        ckpt = resolve_checkpoint(model)
+        report: dict[str, Any] = {"model": model}
+        if spec.tasks:
+            report |= evaluate_tasks(
+                ckpt.path, tasks=spec.tasks, limit=spec.limit, shots=spec.shots, batch_size=spec.batch_size,
+                add_bos=ckpt.add_bos, progress=progress,
+            )  # fmt: skip
+            report["model"] = model
+        if spec.runs_perplexity:
+            result = evaluate_perplexity(
+                ckpt.path, text=spec.text, context_len=spec.context_len, stride=spec.stride,
+                max_tokens=spec.max_tokens, add_bos=ckpt.add_bos, progress=progress,
+            )  # fmt: skip
+            # Alone, the JSON is as it always was; beside tasks, perplexity gets its own key.
+            report |= {"perplexity": result.to_dict()} if spec.tasks or spec.lm_eval else result.to_dict()
+        if spec.lm_eval:
+            from .harness import run_lm_eval
+
+            report["lm_eval"] = run_lm_eval(
+                ckpt.path, list(spec.lm_eval), limit=spec.limit, shots=spec.shots, batch_size=spec.batch_size
+            )
+    return report
+
+
 # ------------------------------------------------------------------------------------------ greedy agreement
 @dataclass(frozen=True)
 class Agreement:
