@@ -1,5 +1,6 @@
 """Quality of a checkpoint on held-out text: perplexity, prompted perplexity, greedy agreement between two
-checkpoints and the generation probe; `evaluate_variants` (the eval stage) adds multiple-choice accuracy.
+checkpoints and the generation probe. `evaluate_variants` (the eval stage) and `evaluate_checkpoint` (the `eval`
+command) add multiple-choice accuracy from multiple_choice.py.
 
 Perplexity uses the standard strided sliding window: windows of `context_len` tokens start every `stride`
 tokens, and each window scores only the tokens the previous window did not, so every token is predicted once,
@@ -8,12 +9,11 @@ with at least `context_len - stride` tokens of context (except at the start of t
 Greedy agreement compares what two checkpoints generate from the same prompts (spans of the held-out text):
 the fraction of generated positions where they chose the same token, and the mean length of the common prefix.
 It is reported, not asserted: a quantized model is not expected to match its float source token for token.
-
-Multiple-choice accuracy (the eval stage's `accuracy`) is scored in multiple_choice.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -214,8 +214,6 @@ def evaluate_checkpoint(
     Returns the report `eval --json` prints: multiple_choice.evaluate_tasks' layout with tasks; the perplexity's
     fields at the top level when it is measured alone, else under "perplexity"; the harness's under "lm_eval".
     """
-    import contextlib
-
     from .modeling import resolve_checkpoint
     from .multiple_choice import evaluate_tasks
     from .runtime import third_party_output
