@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from shortgpt_deploy.calibration import build_calibration, load_documents
-from shortgpt_deploy.evaluate import evaluate_perplexity, evaluate_tasks
+from shortgpt_deploy.evaluate import evaluate_perplexity
 from shortgpt_deploy.importance import METRICS, score_layers
 from shortgpt_deploy.manifest import git_revision, machine, package_versions
 from shortgpt_deploy.modeling import load_model, resolve_checkpoint
+from shortgpt_deploy.multiple_choice import evaluate_tasks
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.quantize import quantize_checkpoint
 from shortgpt_deploy.recipe import CalibrationSpec

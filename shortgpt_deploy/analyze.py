@@ -209,8 +209,8 @@ class Context:
     def measure(self, removed: set[int] | frozenset[int], *, tasks: bool = True) -> dict[str, Any]:
         """Held-out perplexity of the model with `removed` layers gone, and (if `tasks` and the settings name tasks)
         each task's acc/acc_norm and their averages `mc_acc`/`mc_acc_norm`."""
-        from .evaluate import run_tasks
         from .modeling import layers_removed
+        from .multiple_choice import run_tasks
 
         key = frozenset(removed)
         row = self._measured.setdefault(key, {})

@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bench_records import BenchSummary, RunRecord
 from .checkpoint import read_config, read_config_layers, read_layer_tensors, text_config
@@ -37,6 +37,9 @@ from .manifest import provenance
 from .processes import spawn, stop_group
 from .run import RunDir
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
+
+if TYPE_CHECKING:
+    from .recipe import BenchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,26 @@ class Workload:
             raise BenchError("give at least one load level, each once")
         if self.dataset_path is not None and not Path(self.dataset_path).is_file():
             raise BenchError(f"prompt file {self.dataset_path} does not exist")
+
+    @classmethod
+    def from_spec(cls, spec: BenchSpec) -> Workload:
+        """The workload of a bench section (the recipe's, or the one `bench` builds from its options): its level
+        lists as levels_from reads them (none or an empty list: the default 1,4), its SLOs parsed."""
+
+        def text(values: list[int] | list[float] | None) -> str | None:
+            return ",".join(map(str, values)) if values else None
+
+        return cls(
+            input_len=spec.input_len,
+            output_len=spec.output_len,
+            num_prompts=spec.num_prompts,
+            seed=spec.seed,
+            dataset_path=spec.dataset,
+            levels=levels_from(text(spec.concurrency), text(spec.request_rates_per_s)),
+            num_warmups=spec.warmups,
+            repeats=spec.repeats,
+            slos=tuple(parse_slo(x) for x in spec.slos),
+        )
 
     def dataset_argv(self) -> list[str]:
         if self.dataset_path is None:

@@ -162,8 +162,9 @@ def select_by_retention(
 ) -> BudgetResult:
     """Remove the first n layers of `order`, for the largest n whose multiple-choice retention stays at or above
     `min_retention_pct`: 100 × (average acc over `tasks` with n layers removed) ÷ (the dense model's)."""
-    from .evaluate import retention_pct, run_tasks
+    from .evaluate import retention_pct
     from .modeling import layers_removed
+    from .multiple_choice import run_tasks
 
     n_max = _check_n_max(n_max, order)
     accuracy: dict[int, dict[str, Any]] = {}

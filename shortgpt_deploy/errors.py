@@ -32,6 +32,10 @@ class PlanError(ShortGPTError):
     """A removal request that cannot be honoured (out of range, protected, all layers, ...)."""
 
 
+class EvalError(ShortGPTError):
+    """Evaluation settings or data that cannot work (evaluate.py, multiple_choice.py)."""
+
+
 class OutputExistsError(ShortGPTError):
     """An output folder that already exists without --force."""
 

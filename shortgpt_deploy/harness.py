@@ -1,6 +1,6 @@
 """`eval --lm-eval TASKS`: EleutherAI's lm-evaluation-harness on a checkpoint, when it is installed.
 
-Our own multiple-choice scoring (evaluate.py, data from tasks.py) runs offline and covers the paper's tasks; the
+Our own multiple-choice scoring (multiple_choice.py, data from tasks.py) runs offline and covers the paper's tasks; the
 harness covers hundreds more and is the reference implementation, but it downloads its data from the Hugging
 Face Hub. The model is loaded by us (`modeling.load_model`: GGUF conversions, pruned folders and dequantized
 GPTQ folders alike) and handed to the harness's HFLM wrapper, so every variant a build writes can be evaluated.

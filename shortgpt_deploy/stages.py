@@ -423,20 +423,7 @@ def _bench(ctx: StageContext) -> StageStatus:
         )  # fmt: skip
         return fit_to_model(opts)
 
-    workload = b.Workload(
-        input_len=spec.input_len,
-        output_len=spec.output_len,
-        num_prompts=spec.num_prompts,
-        seed=spec.seed,
-        dataset_path=spec.dataset,
-        levels=b.levels_from(
-            ",".join(map(str, spec.concurrency)) if spec.concurrency else None,
-            ",".join(map(str, spec.request_rates_per_s)) if spec.request_rates_per_s else None,
-        ),
-        num_warmups=spec.warmups,
-        repeats=spec.repeats,
-        slos=tuple(b.parse_slo(x) for x in spec.slos),
-    )
+    workload = b.Workload.from_spec(spec)
     b.run_benchmark(variants, workload, out_dir=ctx.run.root, timeout_s=spec.timeout_s, options=options)  # → bench/
     return StageStatus("complete", "; ".join(f"without {v}: {why}" for v, why in left_out.items()))
 

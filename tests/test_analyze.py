@@ -23,9 +23,10 @@ from shortgpt_deploy.analyze import (
 )
 from shortgpt_deploy.analyze_plots import markdown_section
 from shortgpt_deploy.cli import app
-from shortgpt_deploy.evaluate import perplexity, run_tasks
+from shortgpt_deploy.evaluate import perplexity
 from shortgpt_deploy.greedy import ppl_greedy_order
 from shortgpt_deploy.modeling import layers_removed
+from shortgpt_deploy.multiple_choice import run_tasks
 from shortgpt_deploy.recipe import CalibrationSpec
 
 runner = CliRunner()

@@ -138,6 +138,47 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_one_workload_from_the_recipe_section_and_from_the_cli(tmp_path, monkeypatch):
+    from shortgpt_deploy.recipe import BenchSpec
+
+    assert [lv.label for lv in Workload.from_spec(BenchSpec()).levels] == ["c1", "c4"]
+    assert [lv.label for lv in Workload.from_spec(BenchSpec(concurrency=[])).levels] == ["c1", "c4"]
+    spec = BenchSpec(request_rates_per_s=[0.5, 2.0], slos=["ttft:500"], num_prompts=5, dataset=None)
+    assert Workload.from_spec(spec) == Workload(
+        num_prompts=5, levels=levels_from(None, "0.5,2"), slos=(parse_slo("ttft:500"),)
+    )
+    got = {}
+
+    def stop(variants, workload, **kwargs):
+        got.update(workload=workload, **kwargs)
+        raise BenchError("stopped by the test")
+
+    monkeypatch.setattr(bench, "run_benchmark", stop)
+
+    def cli(*args):
+        got.clear()
+        result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--variant", "a=x", *args])
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
+    assert "stopped by the test" in cli()
+    assert got["workload"] == Workload() and got["timeout_s"] == 900.0  # the CLI's defaults, not the section's
+    cli("--concurrency", "2, 8", "--slo", "tpot:50", "--num-prompts", "3", "--timeout-s", "60")
+    assert [lv.label for lv in got["workload"].levels] == ["c2", "c8"] and got["workload"].num_prompts == 3
+    assert got["workload"].slos == (parse_slo("tpot:50"),) and got["timeout_s"] == 60.0
+    cli("--request-rate", "0.5,2")
+    assert [lv.label for lv in got["workload"].levels] == ["r0.5", "r2"]
+    for args, message in [
+        (["--input-len", "0"], "--input-len must be at least 1, got 0"),
+        (["--warmups", "-1"], "--warmups must be at least 0, got -1"),
+        (["--concurrency", "1,x"], "--concurrency: Input should be a valid integer"),
+        (["--request-rate", "fast"], "--request-rate: Input should be a valid number"),
+        (["--concurrency", "0"], "a load level is a positive max concurrency or request rate"),
+        (["--slo", "ttft"], "bad SLO 'ttft'"),
+    ]:
+        assert message in cli(*args) and not got
+
+
 def test_no_variants(tmp_path):
     with pytest.raises(BenchError, match="no variants to benchmark"):
         run_benchmark([], Workload(), out_dir=tmp_path)

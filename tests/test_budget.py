@@ -115,8 +115,8 @@ def test_recipe_retention_budget_rules():
 
 
 def fake_run_tasks(monkeypatch, acc_by_removed):
-    """evaluate.run_tasks replaced by a known curve: average acc as a function of how many layers are gone."""
-    from shortgpt_deploy import evaluate
+    """multiple_choice.run_tasks replaced by a known curve: average acc as a function of how many layers are gone."""
+    from shortgpt_deploy import multiple_choice
     from shortgpt_deploy.modeling import decoder_layers
 
     calls = []
@@ -127,7 +127,7 @@ def fake_run_tasks(monkeypatch, acc_by_removed):
         acc = acc_by_removed(n)
         return {"tasks": {"piqa": {"acc": acc, "acc_norm": acc, "n": 10}}, "average": {"acc": acc, "acc_norm": acc}}
 
-    monkeypatch.setattr(evaluate, "run_tasks", run_tasks)
+    monkeypatch.setattr(multiple_choice, "run_tasks", run_tasks)
     return calls
 
 
@@ -175,7 +175,7 @@ def retention_tasks(root, monkeypatch):
 
 
 def test_build_with_a_retention_budget_measures_real_accuracy(tmp_path, monkeypatch):
-    from shortgpt_deploy.evaluate import run_tasks
+    from shortgpt_deploy.multiple_choice import run_tasks
     from shortgpt_deploy.tasks import load_task
 
     retention_tasks(tmp_path / "hf_datasets", monkeypatch)

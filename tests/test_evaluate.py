@@ -95,3 +95,27 @@ def test_continuation_nll_is_the_mean_nll_of_the_continuation_tokens(model):
     ids = [5, 9, 13, 7, 21, 4, 8]
     nll = reference_nll(model, ids)  # position k predicts token k + 1
     assert continuation_nll(model, ids[:3], ids[3:]) == pytest.approx(float(nll[2:].mean()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- one checkpoint (eval's entry point)
+def test_checkpoint_eval_spec_decides_what_runs_and_refuses_what_measures_nothing():
+    from shortgpt_deploy.evaluate import CheckpointEvalSpec
+
+    assert CheckpointEvalSpec().runs_perplexity  # nothing asked: perplexity
+    assert not CheckpointEvalSpec(tasks=("piqa",)).runs_perplexity  # tasks replace it unless asked for
+    assert CheckpointEvalSpec(lm_eval=("piqa",), perplexity=True).runs_perplexity
+    assert CheckpointEvalSpec(tasks=("piqa",), limit=3, shots=0).limit == 3
+    for given in ({"limit": 5}, {"shots": 1}):
+        with pytest.raises(EvalError, match=r"--limit and --shots apply to multiple-choice tasks: add --tasks"):
+            CheckpointEvalSpec(**given)
+    with pytest.raises(EvalError, match="nothing to evaluate: give --tasks, or drop --no-perplexity"):
+        CheckpointEvalSpec(perplexity=False)
+
+
+def test_evaluate_checkpoint_alone_is_the_perplexity_report(two_layer_llama):
+    from shortgpt_deploy.evaluate import CheckpointEvalSpec, evaluate_checkpoint, evaluate_perplexity
+
+    spec = CheckpointEvalSpec(context_len=64, stride=32, max_tokens=200)
+    report = evaluate_checkpoint(str(two_layer_llama), spec, progress=False)
+    expected = evaluate_perplexity(two_layer_llama, context_len=64, stride=32, max_tokens=200, progress=False)
+    assert report == {"model": str(two_layer_llama), **expected.to_dict()}

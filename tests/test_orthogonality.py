@@ -10,7 +10,8 @@ from tiny import WORDS, tiny_llama
 from typer.testing import CliRunner
 
 from shortgpt_deploy.cli import app
-from shortgpt_deploy.evaluate import evaluate_perplexity, evaluate_tasks
+from shortgpt_deploy.evaluate import evaluate_perplexity
+from shortgpt_deploy.multiple_choice import evaluate_tasks
 from shortgpt_deploy.orthogonality import FOUR, orthogonality_table, verdict
 
 runner = CliRunner()

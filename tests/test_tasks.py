@@ -10,7 +10,7 @@ import torch
 from helpers import run
 from tiny import tiny_llama, tiny_tokenizer
 
-from shortgpt_deploy import evaluate as ev
+from shortgpt_deploy import multiple_choice as mc
 from shortgpt_deploy import tasks as tk
 from shortgpt_deploy.modeling import load_model
 from shortgpt_deploy.tasks import TASKS, MCItem, TaskError, load_task, to_item
@@ -113,10 +113,10 @@ def test_acc_and_acc_norm_by_hand():
     # Item 1: raw sums prefer " a" (-2 > -4); per character " bbbb" wins (-4/4 > -2/1): acc 0, acc_norm 1.
     # Item 2: the same scores, gold " a": acc 1, acc_norm 0. Item 3: " no" wins both ways: 1 and 1.
     lls = [[-2.0, -4.0], [-2.0, -4.0], [-3.0, -1.0]]
-    result = ev.mc_result("t", lls, items)
+    result = mc.mc_result("t", lls, items)
     assert (result.acc, result.acc_norm, result.n) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
     assert result.acc_stderr == pytest.approx(math.sqrt((2 * (1 / 3) ** 2 + (2 / 3) ** 2) / 2 / 3))
-    only_first = ev.mc_result("t", lls[:1], items[:1])
+    only_first = mc.mc_result("t", lls[:1], items[:1])
     assert (only_first.acc, only_first.acc_norm, only_first.acc_stderr) == (0.0, 1.0, 0.0)
 
 
@@ -128,20 +128,20 @@ def test_mc_accuracy_counts_the_models_preferred_choice(monkeypatch):
     def fake(model, requests, **kwargs):
         return [by_ids[tuple(cont)] for _, cont in requests]
 
-    monkeypatch.setattr(ev, "continuation_loglikelihoods", fake)
+    monkeypatch.setattr(mc, "continuation_loglikelihoods", fake)
     items = [
         MCItem("it was", [" she", " he"], 1),  # right
         MCItem("it was", [" he", " she"], 1),  # wrong
         MCItem("it was", [" the one", " all"], 0),  # right
         MCItem("it was", [" all", " the one", " she"], 2),  # wrong
     ]
-    result = ev.mc_accuracy(None, tokenizer, items, progress=False, task="t")
+    result = mc.mc_accuracy(None, tokenizer, items, progress=False, task="t")
     assert (result.acc, result.n) == (0.5, 4)
 
 
 def test_encode_pair_moves_trailing_spaces_to_the_continuation():
     tokenizer = tiny_tokenizer()
-    ctx, cont = ev.encode_pair(tokenizer, "she was ", "not", add_bos=True)
+    ctx, cont = mc.encode_pair(tokenizer, "she was ", "not", add_bos=True)
     assert ctx == [tokenizer.bos_token_id, *tokenizer("she was", add_special_tokens=False)["input_ids"]]
     assert cont == tokenizer(" not", add_special_tokens=False)["input_ids"]
 
@@ -167,8 +167,8 @@ def test_batched_scores_equal_one_at_a_time_and_the_full_forward(tiny):
         ([20, 21, 22], [23, 24]),
         ([30] * 12, [31]),
     ]
-    one = ev.continuation_loglikelihoods(model, requests, batch_size=1, progress=False)
-    batched = ev.continuation_loglikelihoods(model, requests, batch_size=4, progress=False)
+    one = mc.continuation_loglikelihoods(model, requests, batch_size=1, progress=False)
+    batched = mc.continuation_loglikelihoods(model, requests, batch_size=4, progress=False)
     assert batched == pytest.approx(one, rel=1e-5, abs=1e-5)
     assert one == pytest.approx([reference_loglikelihood(model, c, k) for c, k in requests], rel=1e-5, abs=1e-5)
 

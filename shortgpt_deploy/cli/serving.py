@@ -14,6 +14,7 @@ from ._common import (
     Verbose,
     append_bench_section,
     console,
+    from_options,
     handles_errors,
     out,
     setup_logging,
@@ -101,19 +102,19 @@ def bench(
 
     from .. import bench as b
     from .. import report as r
+    from ..recipe import BenchSpec
 
     variants = [b.parse_variant(v) for v in variant or []] + [b.parse_variant(e, endpoint=True) for e in endpoint or []]
-    workload = b.Workload(
-        input_len=input_len,
-        output_len=output_len,
-        num_prompts=num_prompts,
-        seed=seed,
-        dataset_path=dataset,
-        levels=b.levels_from(concurrency, request_rate),
-        num_warmups=warmups,
-        repeats=repeats,
-        slos=tuple(b.parse_slo(s) for s in slo or []),
-    )
+    spec = from_options(  # the recipe's bench section, so a bad value names its option; its `variants` go unused
+        lambda: BenchSpec(
+            input_len=input_len, output_len=output_len, num_prompts=num_prompts, dataset=dataset,
+            concurrency=_levels(concurrency), request_rates_per_s=_levels(request_rate), repeats=repeats,
+            warmups=warmups, seed=seed, slos=slo or [], timeout_s=timeout_s,
+        ),
+        request_rates_per_s="--request-rate",
+        slos="--slo",
+    )  # fmt: skip
+    workload = b.Workload.from_spec(spec)
 
     def show(summary: dict[str, Any]) -> None:
         headers, rows = r.summary_rows(summary, metrics=("ttft", "tpot"), percentiles=(50, 99))  # all: summary.json
@@ -127,7 +128,7 @@ def bench(
             out.print(line.replace("**", ""))
 
     try:
-        result = b.run_benchmark(variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=timeout_s)
+        result = b.run_benchmark(variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=spec.timeout_s)
         summary = result.to_dict()
     except b.BenchIncompleteError as err:
         show(err.summary.to_dict())
@@ -135,3 +136,9 @@ def bench(
     show(summary)
     if append_markdown is not None:
         append_bench_section(append_markdown, summary)
+
+
+def _levels(text: str | None) -> list[Any] | None:
+    """--concurrency/--request-rate "1,4" as the bench section's list: strings, which pydantic parses as the field's
+    numbers (a bad one names the option)."""
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
