@@ -5,7 +5,7 @@ a shared machine falls on every variant alike, and ratios to the baseline (the f
 repeat. One tokenizer drives every variant, so all see the same prompts. Written under OUT/bench/:
 `r{repeat}-{variant}-{level}.json` (vLLM's result, as each run completes), `runs.json` (status of every planned
 run, rewritten after each), `summary.json`, and `logs/` (server and client output), each path and file through
-run.RunDir; the records themselves (RunRecord, BenchSummary) are in bench_records.py. Tables, Markdown and plots
+run.RunDir; the records themselves (RunRecord, BenchSummary) are in records.py. Tables, Markdown and plots
 made from a summary are in serving_tables.py and report.py.
 """
 
@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .bench_records import BenchSummary, RunRecord
 from .checkpoint import read_config, read_config_layers, read_layer_tensors, text_config
 from .errors import ShortGPTError
 from .gen import read_gen_config
 from .manifest import provenance
 from .processes import spawn, stop_group
+from .records import BenchSummary, RunRecord
 from .run import RunDir
 from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
 

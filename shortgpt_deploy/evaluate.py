@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import torch
 from .errors import EvalError
 from .gen import continuation_logprobs, is_gen_checkpoint, read_gen_config
 from .multiple_choice import run_tasks
+from .records import EvalResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -306,59 +307,6 @@ def agreement(variant: str, reference: str, got: list[list[int]], ref: list[list
         sum(prefixes) / len(got),
         sum(g == r for g, r in zip(got, ref, strict=True)),
     )
-
-
-@dataclass
-class EvalResult:
-    """What the eval stage measured: the content of eval.json (`to_dict`), in the layout earlier versions wrote,
-    so that the report and old run folders read it unchanged. Optional parts are left out of the JSON when empty:
-    prompted perplexity (only with a gen variant), the generation probe, task accuracy, and the run's `models`
-    and `provenance` (the eval stage adds them; analyses do not)."""
-
-    text: str
-    context_len: int
-    stride: int
-    max_tokens: int
-    greedy_prompts: int
-    greedy_tokens: int
-    dtype: str
-    perplexity: dict[str, dict[str, Any]]  # variant → Perplexity.to_dict(); none for a gen variant
-    agreement: list[dict[str, Any]]  # Agreement.to_dict() per (variant, reference)
-    greedy_tokens_by_variant: dict[str, list[list[int]]]
-    prompted_perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)  # with a gen variant: every one
-    gen_variants: list[str] = field(default_factory=list)
-    generation: dict[str, dict[str, float]] | None = None
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
-    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant → run_tasks' result
-    retention_pct: dict[str, float] = field(default_factory=dict)
-    models: dict[str, str] | None = None
-    provenance: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        settings = ("text", "context_len", "stride", "max_tokens", "greedy_prompts", "greedy_tokens", "dtype")
-        out: dict[str, Any] = {k: getattr(self, k) for k in settings}
-        out |= {"perplexity": self.perplexity, "agreement": self.agreement}
-        out["greedy_tokens_by_variant"] = self.greedy_tokens_by_variant
-        if self.prompted_perplexity:
-            out |= {"prompted_perplexity": self.prompted_perplexity, "gen_variants": self.gen_variants}
-        if self.generation is not None:
-            out["generation"] = self.generation
-        if self.tasks:
-            out |= {"tasks": self.tasks, "limit": self.limit, "accuracy": self.accuracy}
-            out["retention_pct"] = self.retention_pct
-        out |= {k: v for k, v in (("models", self.models), ("provenance", self.provenance)) if v is not None}
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
-        """The inverse of to_dict, for an eval.json of any version: the text, window and perplexities are
-        required (a KeyError); the optional parts, and the greedy settings and dtype that early files lack, take
-        empty values; unknown keys (schema_version) are dropped."""
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}
-        early = {"greedy_prompts": 0, "greedy_tokens": 0, "dtype": "", "agreement": [], "greedy_tokens_by_variant": {}}
-        required = {k: d[k] for k in ("text", "context_len", "stride", "max_tokens", "perplexity")}
-        return cls(**(early | fields | required))
 
 
 @dataclass

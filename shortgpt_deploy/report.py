@@ -34,10 +34,9 @@ from .serving_tables import (
 )
 
 if TYPE_CHECKING:
-    from .bench_records import BenchSummary, RunRecord
     from .budget import BudgetResult
-    from .evaluate import EvalResult
     from .quantize import QuantizedVariant
+    from .records import BenchSummary, EvalResult, RunRecord
 
 ReportError = RunFolderError  # the name earlier callers catch
 

@@ -29,12 +29,11 @@ from .files import atomic_write_text
 from .manifest import git_revision, machine, package_versions
 
 if TYPE_CHECKING:
-    from .bench_records import BenchSummary, RunRecord
     from .budget import BudgetResult
-    from .evaluate import EvalResult
     from .importance import LayerScores
     from .plan import LayerPlan
     from .quantize import QuantizedVariant
+    from .records import BenchSummary, EvalResult, RunRecord
     from .repair import RepairResult
 
 T = TypeVar("T")
@@ -252,7 +251,7 @@ class RunDir:
         write_json(self.quantize_path, {name: v.to_dict() for name, v in variants.items()})
 
     def load_eval(self) -> EvalResult | None:
-        from .evaluate import EvalResult
+        from .records import EvalResult
 
         return self._load_typed(self.eval_path, EvalResult.from_dict, "the eval stage")
 
@@ -260,7 +259,7 @@ class RunDir:
         write_json(self.eval_path, result.to_dict())
 
     def load_bench_summary(self) -> BenchSummary | None:
-        from .bench_records import BenchSummary
+        from .records import BenchSummary
 
         return self._load_typed(self.bench_summary_path, BenchSummary.from_dict, "the benchmark")
 
@@ -270,7 +269,7 @@ class RunDir:
 
     def load_bench_runs(self) -> list[RunRecord]:
         """bench/runs.json: every planned run's status ([] when absent)."""
-        from .bench_records import RunRecord
+        from .records import RunRecord
 
         def parse(data: list[dict[str, Any]]) -> list[RunRecord]:
             if not isinstance(data, list):

@@ -11,12 +11,12 @@ from helpers import dense_folder, gen_folder
 from transformers import DynamicCache
 
 from shortgpt_deploy.bench import summarize
-from shortgpt_deploy.bench_records import BenchSummary
 from shortgpt_deploy.evaluate import evaluate_variants, prompted_perplexity
 from shortgpt_deploy.gen import continuation_logprobs
 from shortgpt_deploy.modeling import load_model
 from shortgpt_deploy.multiple_choice import continuation_loglikelihoods
 from shortgpt_deploy.recipe import EvalSpec
+from shortgpt_deploy.records import BenchSummary
 
 IDS = torch.randint(4, 100, (120,), generator=torch.Generator().manual_seed(3)).tolist()
 

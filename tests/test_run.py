@@ -13,13 +13,12 @@ from types import SimpleNamespace
 import pytest
 
 from shortgpt_deploy import stages
-from shortgpt_deploy.bench_records import BenchSummary, RunRecord
 from shortgpt_deploy.budget import BudgetResult
 from shortgpt_deploy.errors import ShortGPTError
-from shortgpt_deploy.evaluate import EvalResult
 from shortgpt_deploy.importance import LayerScores
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.quantize import QuantizedVariant, QuantizeResult
+from shortgpt_deploy.records import BenchSummary, EvalResult, RunRecord
 from shortgpt_deploy.report import write_report
 from shortgpt_deploy.run import SCHEMA_VERSION, Manifest, RunDir, RunFolderError, StageStatus
 
