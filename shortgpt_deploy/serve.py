@@ -144,12 +144,21 @@ def default_cores() -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
+# What vLLM's `serve --dtype` accepts (half = float16, float = float32).
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+def served_dtype(opts: ServeOptions) -> str:
+    """The --dtype vLLM is started with: `auto` resolved here on a CPU (on a GPU vLLM takes the checkpoint's)."""
+    if opts.dtype == "auto" and not on_gpu():
+        # vLLM refuses float32 for GPTQ checkpoints; their activations run in bf16 on the CPU.
+        return "bfloat16" if is_quantized(opts.model_dir, "gptq") else cpu_dtype()
+    return opts.dtype
+
+
 def vllm_argv(opts: ServeOptions) -> list[str]:
     gpu = on_gpu()
-    dtype = opts.dtype
-    if dtype == "auto" and not gpu:
-        # vLLM refuses float32 for GPTQ checkpoints; their activations run in bf16 on the CPU.
-        dtype = "bfloat16" if is_quantized(opts.model_dir, "gptq") else cpu_dtype()
+    dtype = served_dtype(opts)
     # The model by its folder name: the server runs in the parent folder (see VLLMServer.start).
     argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", Path(opts.model_dir).resolve().name]
     argv += [
