@@ -36,7 +36,15 @@ from .manifest import provenance
 from .processes import spawn, stop_group
 from .records import BenchSummary, RunRecord
 from .run import RunDir
-from .serve import ServeError, ServeOptions, VLLMServer, fit_to_model, log_tail
+from .serve import (
+    VLLM_DTYPES,
+    ServeError,
+    ServeOptions,
+    VLLMServer,
+    fit_to_model,
+    log_tail,
+    options_for,
+)
 
 if TYPE_CHECKING:
     from .recipe import BenchSpec
@@ -185,6 +193,33 @@ def parse_variant(text: str, *, endpoint: bool = False) -> Variant:
     return Variant(name, endpoint=value.rstrip("/")) if endpoint else Variant(name, model_dir=Path(value))
 
 
+def parse_dtypes(texts: list[str], variants: list[Variant]) -> dict[str, str]:
+    """`--dtype NAME=DTYPE` options as {variant: dtype}; NAME is a variant served here (a model folder), DTYPE one
+    that vLLM's --dtype takes. An endpoint runs with whatever dtype it was started with, so it takes none."""
+    served = [v.name for v in variants if v.model_dir is not None]
+    endpoints = {v.name for v in variants if v.endpoint is not None}
+    dtypes: dict[str, str] = {}
+    for text in texts:
+        name, sep, dtype = (part.strip() for part in text.partition("="))
+        if not sep or not name or not dtype:
+            raise BenchError(f"--dtype {text!r}: expected NAME=DTYPE, e.g. --dtype bf16=bfloat16")
+        if dtype not in VLLM_DTYPES:
+            raise BenchError(f"--dtype {text!r}: vLLM takes no dtype {dtype!r}; use one of {', '.join(VLLM_DTYPES)}")
+        if name in endpoints:
+            raise BenchError(
+                f"--dtype {text!r}: {name} is an --endpoint, a server started elsewhere with its own dtype; set the "
+                f"dtype where that server starts, or give the folder as --variant {name}=DIR"
+            )
+        if name not in served:
+            raise BenchError(
+                f"--dtype {text!r}: no --variant is named {name!r}; name one of: {', '.join(served) or '(none given)'}"
+            )
+        if dtypes.get(name, dtype) != dtype:
+            raise BenchError(f"--dtype: variant {name} is given two dtypes ({dtypes[name]}, {dtype}); give one")
+        dtypes[name] = dtype
+    return dtypes
+
+
 def endpoint_model(variant: Variant, timeout_s: float = 5.0) -> str:
     """The id of the (first) model an endpoint serves, from /v1/models."""
     try:
@@ -277,6 +312,25 @@ def default_options(variant: Variant, port: int) -> ServeOptions:
     """serve.py's defaults, with the context capped at 2048 tokens (or the model's own limit, if shorter)."""
     assert variant.model_dir is not None
     return fit_to_model(ServeOptions(variant.model_dir, port=port, served_model_name=variant.name, max_model_len=2048))
+
+
+def variant_options(
+    preset: dict[str, dict], overrides: dict[str, object], *, per_variant: dict[str, dict[str, object]] | None = None
+) -> OptionsFactory:
+    """How the build's bench stage and the `bench` command serve each variant: the preset's defaults, then its
+    `variants:` entry for the variant's name, then `overrides` (the recipe's serve section), then the variant's
+    own entry in `per_variant` (`bench --dtype NAME=DTYPE`); the context capped at the model's own."""
+
+    def options(variant: Variant, port: int) -> ServeOptions:
+        assert variant.model_dir is not None
+        given = {**overrides, **(per_variant or {}).get(variant.name, {})}
+        opts = options_for(
+            variant.model_dir, variant=variant.name, preset=preset, overrides=given, port=port,
+            served_model_name=variant.name,
+        )  # fmt: skip
+        return fit_to_model(opts)
+
+    return options
 
 
 @dataclass

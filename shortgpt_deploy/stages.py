@@ -398,7 +398,7 @@ def _eval(ctx: StageContext) -> StageStatus:
 def _bench(ctx: StageContext) -> StageStatus:
     """vLLM's load generator against each variant of the bench section, with the serve section's settings."""
     from . import bench as b
-    from .serve import ServeOptions, fit_to_model, load_preset, options_for
+    from .serve import load_preset
 
     recipe, manifest = ctx.recipe, ctx.manifest
     spec = recipe.bench
@@ -413,16 +413,7 @@ def _bench(ctx: StageContext) -> StageStatus:
         raise b.BenchError("no variant of the bench section can be benchmarked: " + ", ".join(left_out))
     serve = recipe.serve
     preset = load_preset(serve.preset if serve else None)
-    overrides = serve.model_dump(exclude={"preset"}) if serve else {}
-
-    def options(variant: b.Variant, port: int) -> ServeOptions:
-        assert variant.model_dir is not None
-        opts = options_for(
-            variant.model_dir, variant=variant.name, preset=preset, overrides=overrides, port=port,
-            served_model_name=variant.name,
-        )  # fmt: skip
-        return fit_to_model(opts)
-
+    options = b.variant_options(preset, serve.model_dump(exclude={"preset"}) if serve else {})
     workload = b.Workload.from_spec(spec)
     b.run_benchmark(variants, workload, out_dir=ctx.run.root, timeout_s=spec.timeout_s, options=options)  # → bench/
     return StageStatus("complete", "; ".join(f"without {v}: {why}" for v, why in left_out.items()))
