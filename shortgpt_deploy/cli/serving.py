@@ -82,6 +82,13 @@ def bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for bench/ (vLLM's JSON per run, summary.json).")],
     variant: Annotated[list[str] | None, typer.Option(help="NAME=DIR served here; the first is the baseline.")] = None,
     endpoint: Annotated[list[str] | None, typer.Option(help="NAME=URL of a running server (after --variant).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="serving/NAME.yaml (cpu, gpu, gpu-tp2) or a YAML path; default: cpu or gpu.")
+    ] = None,
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DTYPE: serve --variant NAME in DTYPE (float32, bfloat16, ...); repeatable."),
+    ] = None,
     input_len: int = 128,
     output_len: int = 64,
     num_prompts: int = 24,
@@ -97,14 +104,20 @@ def bench(
     append_markdown: Annotated[Path | None, typer.Option(help="Append a Markdown section to this file.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Benchmark served variants with vLLM's `bench serve`: latency percentiles, throughput, ratios to the first."""
+    """Benchmark served variants with vLLM's `bench serve`: latency percentiles, throughput, ratios to the first.
+
+    Each --variant is served with the preset's defaults, then its entry for the variant's name, then --dtype.
+    """
     setup_logging(verbose)
 
     from .. import bench as b
     from .. import report as r
     from ..recipe import BenchSpec
+    from ..serve import load_preset
 
     variants = [b.parse_variant(v) for v in variant or []] + [b.parse_variant(e, endpoint=True) for e in endpoint or []]
+    per_variant = {name: {"dtype": d} for name, d in b.parse_dtypes(dtype or [], variants).items()}
+    options = b.variant_options(load_preset(preset), {}, per_variant=per_variant)
     spec = from_options(  # the recipe's bench section, so a bad value names its option; its `variants` go unused
         lambda: BenchSpec(
             input_len=input_len, output_len=output_len, num_prompts=num_prompts, dataset=dataset,
@@ -128,7 +141,9 @@ def bench(
             out.print(line.replace("**", ""))
 
     try:
-        result = b.run_benchmark(variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=spec.timeout_s)
+        result = b.run_benchmark(
+            variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=spec.timeout_s, options=options
+        )
         summary = result.to_dict()
     except b.BenchIncompleteError as err:
         show(err.summary.to_dict())
