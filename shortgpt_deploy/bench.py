@@ -44,6 +44,7 @@ from .serve import (
     fit_to_model,
     log_tail,
     options_for,
+    served_dtype,
 )
 
 if TYPE_CHECKING:
@@ -303,6 +304,7 @@ class Target:
     url: str
     model: str
     alive: Callable[[], bool]
+    dtype: str | None = None  # vLLM's --dtype for a server started here; None for an endpoint (not ours to know)
 
 
 OptionsFactory = Callable[[Variant, int], ServeOptions]  # (variant, free port) → how to serve it
@@ -341,6 +343,7 @@ class Plan:
     timeout_s: float
     options: OptionsFactory = default_options
     records: list[RunRecord] = field(default_factory=list)
+    dtypes: dict[str, str] = field(default_factory=dict)  # variant → vLLM's --dtype, once its server has started
 
     @property
     def bench_dir(self) -> Path:
@@ -365,7 +368,7 @@ def serving(variant: Variant, log_path: Path, options: OptionsFactory = default_
     opts = options(variant, free_port())
     # VLLMServer.stop() also stops the engine and workers of an API server that already died.
     with VLLMServer(opts, log_path) as server:
-        yield Target(opts.url, str(opts.served_model_name), server.alive)
+        yield Target(opts.url, str(opts.served_model_name), server.alive, served_dtype(opts))
 
 
 def _reachable(variant: Variant) -> bool:
@@ -419,6 +422,8 @@ def run_variant(plan: Plan, variant: Variant, repeat: int) -> bool:
     try:
         log_path = plan.run.bench_log(f"r{repeat}-{variant.name}-server")
         with serving(variant, log_path, plan.options) as target:
+            if target.dtype is not None:
+                plan.dtypes[variant.name] = target.dtype
             for rec, level in zip(todo, plan.workload.levels, strict=True):
                 if target.alive():
                     run_one(plan, rec, target, level)
@@ -504,6 +509,7 @@ def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] =
         ttft_ideal_ratio=ttft_ideal_ratios(variants, prompt_len),
         tokenizer=str(plan.tokenizer),
         sources={v.name: str(v.model_dir or v.endpoint) for v in variants},
+        dtypes={v.name: plan.dtypes.get(v.name) for v in variants},
         provenance=provenance() | {"load_1min_start_end": list(load_1min)},
     )
     plan.run.save_bench_summary(summary)

@@ -32,7 +32,7 @@ class RunRecord:
 
 
 # The fields finish() adds to summarize()'s; absent (None) in summaries written by hand or by early versions.
-_OPTIONAL = ("workload", "ttft_ideal_ratio", "tokenizer", "sources", "provenance")
+_OPTIONAL = ("workload", "ttft_ideal_ratio", "tokenizer", "sources", "dtypes", "provenance")
 
 
 @dataclass
@@ -50,6 +50,9 @@ class BenchSummary:
     ttft_ideal_ratio: dict[str, float | None] | None = None  # baseline ÷ variant prefill FLOPs per prompt token
     tokenizer: str | None = None
     sources: dict[str, str] | None = None  # variant → model folder or endpoint URL
+    # variant → the --dtype its vLLM server was started with (None: an endpoint, or a server that never started);
+    # absent from summaries written before it was recorded.
+    dtypes: dict[str, str | None] | None = None
     provenance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

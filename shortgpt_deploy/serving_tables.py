@@ -28,16 +28,17 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def summary_rows(
     summary: dict[str, Any], metrics: tuple[str, ...] = LATENCY_METRICS, percentiles: tuple[int, ...] = PERCENTILES
 ) -> tuple[list[str], list[list[str]]]:
-    """The summary as a table (headers, rows), one row per variant and level; for the CLI and the Markdown."""
+    """The summary as a table (headers, rows), one row per variant and level; for the CLI and the Markdown. A
+    variant served here is shown with the dtype vLLM served it in, e.g. "dense (float32)" (older summaries: none)."""
     goodput, ps = bool(summary.get("workload", {}).get("slos")), "/".join(map(str, percentiles))
     headers = ["variant", "level", "out tok/s (min–max)", "req/s", *(f"{k.upper()} p{ps} ms" for k in metrics)]
     headers += ["failed", *(["goodput req/s"] if goodput else []), f"tok/s ÷ {summary['baseline']} (min–max)", "ideal"]
-    rows = []
+    rows, dtypes = [], summary.get("dtypes") or {}
     for v, levels in summary["variants"].items():
         for lv, c in levels.items():
             m, r, span = c["median"] or {}, c["tokens_per_s_ratio"], c.get("tokens_per_s_range") or (None, None)
             tps = f"{fmt(m.get('output_tokens_per_s'))} ({fmt(span[0])}–{fmt(span[1])})"
-            row = [v, lv, tps, fmt(m.get("requests_per_s"), ".2f")]
+            row = [f"{v} ({dtypes[v]})" if dtypes.get(v) else v, lv, tps, fmt(m.get("requests_per_s"), ".2f")]
             row += ["/".join(fmt(m.get(f"p{p}_{k}_ms")) for p in percentiles) for k in metrics]
             row += [fmt(m.get("failed"), ".0f")] + ([fmt(m.get("goodput_requests_per_s"), ".2f")] if goodput else [])
             row += ["–" if r is None else "baseline" if v == summary["baseline"] else _span(r)]
