@@ -366,9 +366,10 @@ def serving(variant: Variant, log_path: Path, options: OptionsFactory = default_
         yield Target(str(variant.endpoint), endpoint_model(variant), lambda: _reachable(variant))
         return
     opts = options(variant, free_port())
+    dtype = served_dtype(opts)
     # VLLMServer.stop() also stops the engine and workers of an API server that already died.
     with VLLMServer(opts, log_path) as server:
-        yield Target(opts.url, str(opts.served_model_name), server.alive, served_dtype(opts))
+        yield Target(opts.url, str(opts.served_model_name), server.alive, dtype)
 
 
 def _reachable(variant: Variant) -> bool:
