@@ -1,4 +1,5 @@
-"""Serving benchmark: SLO parsing, the summary math, FLOP counting, run bookkeeping, and one real vLLM run."""
+"""Serving benchmark: SLO parsing, the summary math, FLOP counting, run bookkeeping, serving options (preset,
+--dtype) per variant, and one real vLLM run."""
 
 import http.server
 import json
@@ -365,3 +366,139 @@ def test_one_benchmark_per_folder(tmp_path, fake):
         fcntl.flock(held, fcntl.LOCK_EX)  # as a benchmark still running would
         with pytest.raises(BenchError, match="another benchmark is writing to .*give another --out"):
             run_benchmark([Variant("a", endpoint=fake.url)], Workload(), out_dir=tmp_path, tokenizer=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ dtypes per variant
+def config_only(folder):
+    """A model folder as far as serving options and argv go: config.json, no weights."""
+    folder.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 1024, "num_hidden_layers": 2}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+class StartedServer:
+    """Stands in for serve.VLLMServer in bench.serving: records the vLLM argv it would run, starts nothing."""
+
+    argvs: list = []
+
+    def __init__(self, opts, log_path, **kwargs):
+        self.opts = opts
+
+    def __enter__(self):
+        from shortgpt_deploy.serve import vllm_argv
+
+        StartedServer.argvs.append(vllm_argv(self.opts))
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def alive(self):
+        return True
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """bench.serving with StartedServer, and a client that writes a result: the whole CLI path without vLLM."""
+    StartedServer.argvs = []
+    code = "import json, sys; json.dump({'output_throughput': 10.0, 'failed': 0}, open(sys.argv[1], 'w'))"
+    monkeypatch.setattr(bench, "VLLMServer", StartedServer)
+    monkeypatch.setattr(
+        bench, "bench_argv", lambda plan, t, lv, name: [sys.executable, "-c", code, str(plan.bench_dir / name)]
+    )
+    monkeypatch.setattr(bench, "free_port", lambda: 9001)
+    return StartedServer
+
+
+def bench_cli(tmp_path, *args):
+    result = CliRunner().invoke(
+        app, ["bench", "--out", str(tmp_path / "out"), "--repeats", "1", "--concurrency", "1", *args]
+    )
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_one_folder_in_two_dtypes_is_one_command(tmp_path, started):
+    from shortgpt_deploy.serving_tables import summary_rows
+
+    model = config_only(tmp_path / "m")
+    code, output = bench_cli(
+        tmp_path, "--preset", "cpu", "--variant", f"fp32={model}", "--variant", f"bf16={model}",
+        "--dtype", "fp32=float32", "--dtype", "bf16=bfloat16",
+    )  # fmt: skip
+    assert code == 0, output
+
+    def argv(dtype, name):  # the folder by name, run from its parent; the context capped at the model's 1024
+        return [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", "m", "--host", "127.0.0.1", "--port",
+                "9001", "--dtype", dtype, "--max-model-len", "1024", "--served-model-name", name]  # fmt: skip
+
+    assert started.argvs == [argv("float32", "fp32"), argv("bfloat16", "bf16")]
+    summary = RunDir(tmp_path / "out").load_bench_summary()
+    assert summary.dtypes == {"fp32": "float32", "bf16": "bfloat16"}
+    assert [row[0] for row in summary_rows(summary.to_dict())[1]] == ["fp32 (float32)", "bf16 (bfloat16)"]
+
+
+def test_the_presets_variant_entries_apply_and_dtype_wins(tmp_path, started):
+    model = config_only(tmp_path / "m")
+    preset = tmp_path / "ab.yaml"
+    preset.write_text(
+        "defaults: {dtype: auto, max_model_len: 512}\nvariants:\n  a: {dtype: float32}\n  b: {dtype: float16}\n"
+    )
+    code, output = bench_cli(tmp_path, "--preset", str(preset), "--variant", f"a={model}", "--variant", f"b={model}")
+    assert code == 0, output
+    dtypes = [argv[argv.index("--dtype") + 1] for argv in started.argvs]
+    assert dtypes == ["float32", "float16"] and all("512" in argv for argv in started.argvs)
+    started.argvs.clear()
+    code, output = bench_cli(
+        tmp_path, "--preset", str(preset), "--variant", f"a={model}", "--variant", f"b={model}", "--dtype", "b=bfloat16"
+    )
+    assert code == 0, output
+    assert [argv[argv.index("--dtype") + 1] for argv in started.argvs] == ["float32", "bfloat16"]
+
+
+def test_variant_options_layers(tmp_path):
+    """preset defaults < its variants: entry < the recipe's serve section < the variant's own (--dtype)."""
+    model = config_only(tmp_path / "m")
+    preset = {"defaults": {"dtype": "auto", "max_model_len": 4096}, "variants": {"a": {"dtype": "float16"}}}
+    a, b = Variant("a", model_dir=model), Variant("b", model_dir=model)
+    opts = bench.variant_options(preset, {})
+    assert (opts(a, 1).dtype, opts(b, 1).dtype, opts(a, 1).max_model_len) == ("float16", "auto", 1024)
+    opts = bench.variant_options(preset, {"dtype": "bfloat16", "cpu_cores": None})
+    assert (opts(a, 1).dtype, opts(b, 1).dtype) == ("bfloat16", "bfloat16")
+    opts = bench.variant_options(preset, {"dtype": "bfloat16"}, per_variant={"b": {"dtype": "float32"}})
+    assert (opts(a, 1).dtype, opts(b, 1).dtype, opts(b, 7).port, opts(b, 7).served_model_name) == (
+        "bfloat16", "float32", 7, "b"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "c=float32"], "--dtype 'c=float32': no --variant is named 'c'; name one of: a"),
+        (["--dtype", "far=float32"], "--dtype 'far=float32': far is an --endpoint, a server started elsewhere"),
+        (["--dtype", "a=fp32"], "--dtype 'a=fp32': vLLM takes no dtype 'fp32'; use one of auto, half, float16"),
+        (["--dtype", "float32"], "--dtype 'float32': expected NAME=DTYPE"),
+        (["--dtype", "a=float32", "--dtype", "a=bfloat16"], "variant a is given two dtypes (float32, bfloat16)"),
+    ],
+)
+def test_bad_dtype_options_are_refused_before_anything_runs(tmp_path, args, message, monkeypatch):
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("ran despite a bad --dtype"))
+    code, output = bench_cli(tmp_path, "--variant", "a=x", "--endpoint", "far=http://127.0.0.1:9", *args)
+    assert code == 2 and message in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_endpoints_dtype_is_unknown_and_an_old_summary_has_none(tmp_path, fake, monkeypatch):
+    from shortgpt_deploy.serving_tables import summary_rows
+
+    code = "import json, sys; json.dump({'output_throughput': 100.0, 'failed': 0}, open(sys.argv[1], 'w'))"
+    monkeypatch.setattr(bench, "bench_argv", fake_client(code))
+    summary = run_benchmark(
+        [Variant("a", endpoint=fake.url)], Workload(repeats=1), out_dir=tmp_path, tokenizer=tmp_path
+    )
+    assert summary.dtypes == {"a": None}
+    old = {k: v for k, v in summary.to_dict().items() if k != "dtypes"}  # summary.json before dtypes were recorded
+    (tmp_path / "bench" / "summary.json").write_text(json.dumps(old))
+    loaded = RunDir(tmp_path).load_bench_summary()
+    assert loaded.dtypes is None and "dtypes" not in loaded.to_dict()
+    assert [row[0] for row in summary_rows(loaded.to_dict())[1]] == ["a", "a"]
