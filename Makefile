@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma demo report test test-all serve bench-core lint clean
+.PHONY: install data install-gemma demo report test test-all serve bench-core lint clean check-gpu-extra
 
 install: $(STAMP) $(DATA)
 
@@ -80,7 +80,13 @@ bench-core: install
 	$(PY) benchmarks/bench_core.py --append BENCHMARKS.md
 
 lint: install
-	$(VENV)/bin/ruff check shortgpt_deploy tests benchmarks
+	$(VENV)/bin/ruff check shortgpt_deploy tests benchmarks tools
+
+# Does `make install PLATFORM=gpu` resolve to the pinned vllm/torch/transformers/GPTQModel, all agreeing? pip's
+# resolver in a throwaway venv (--dry-run, nothing installed, no GPU needed); needs PyPI, so not in `make test`.
+# CHECK_ARGS=--plain-pip ignores this machine's pip config (its find-links offer a +cpu torch): PyPI alone.
+check-gpu-extra:
+	python3 tools/check_gpu_extra.py $(CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
