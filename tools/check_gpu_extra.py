@@ -119,8 +119,8 @@ def cpu_build_problems(report: dict[str, Any], names: tuple[str, ...] = CUDA_BUI
     """Packages of `names` resolved to a CPU-only build (local version `+cpu`): no use on a GPU."""
     versions = chosen_versions(report)
     return [
-        f"{name} {versions[name]} is a CPU-only build: a find-links folder or extra index offers it; resolve without "
-        "it (PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL=) to get PyPI's CUDA build"
+        f"{name} {versions[name]} is a CPU-only build: a find-links folder or extra index in pip's configuration "
+        "offers it; `--plain-pip` (PyPI alone) shows what a GPU machine gets"
         for name in names
         if name in versions and (versions[name].local or "").startswith("cpu")
     ]
