@@ -25,7 +25,7 @@ from .errors import ModelLoadError, ShortGPTError
 from .gen import is_gen_checkpoint
 from .processes import spawn, stop_group
 from .recipe import ServeSpec
-from .runtime import on_gpu, vllm_installed  # noqa: F401  (vllm_installed: the bench's check, asked here)
+from .runtime import cpu_has_native_bf16, on_gpu, vllm_installed  # noqa: F401  (vllm_installed: the bench's check, asked here)
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ class ServeOptions:
 
 def cpu_dtype() -> str:
     """bf16 only where the CPU has native bf16 math; elsewhere fp32 is much faster (measured ~4.6x on AVX2)."""
-    import torch
-
-    return "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 # ------------------------------------------------------------------------------------------- presets

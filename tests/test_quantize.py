@@ -207,3 +207,13 @@ def test_gptq_folder_loads_dequantized_quietly(tiny, tmp_path, monkeypatch, caps
     with torch.inference_mode():
         diff = (model(ids).logits - float_model(ids).logits).abs().max()
     assert 0 < diff < 1.0  # quantized: close to the float model, not identical
+
+
+@pytest.mark.parametrize(("gpu", "native_bf16", "expected"), [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                             (False, False, "float32")])  # fmt: skip
+def test_gptq_runs_in_float32_where_bf16_math_is_emulated(monkeypatch, gpu, native_bf16, expected):
+    import torch
+
+    monkeypatch.setattr(quantize, "on_gpu", lambda: gpu)
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: native_bf16)
+    assert quantize.gptq_dtype() == getattr(torch, expected)
