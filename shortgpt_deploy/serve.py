@@ -42,7 +42,7 @@ class ServeOptions:
     api_key: str | None = None  # passed to vLLM in its environment (VLLM_API_KEY), never on a command line
     public_metrics: bool = False  # with an API key: leave /metrics open (vLLM's own default) instead of guarded
     served_model_name: str | None = None
-    dtype: str = "auto"  # auto: float32 on CPUs without AVX-512 bf16, where it served ~4.6x faster than bf16
+    dtype: str = "auto"  # auto: float32 on CPUs without AVX-512 bf16, where it served faster than bf16 (BENCHMARKS.md)
     max_model_len: int = 2048
     kv_cache_gib: int = 2  # CPU only: RAM reserved for the KV cache (vLLM takes whole GiB)
     cpu_cores: str | None = None  # CPU only: cores for vLLM's OpenMP threads, e.g. "0-1"; default: all ours
@@ -56,7 +56,7 @@ class ServeOptions:
 
 
 def cpu_dtype() -> str:
-    """bf16 only where the CPU has native bf16 math; elsewhere fp32 is much faster (measured ~4.6x on AVX2)."""
+    """bf16 only where the CPU has native bf16 math; elsewhere fp32 served faster (1.36x output tok/s on AVX2)."""
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
