@@ -47,7 +47,7 @@ from .runtime import (
     import_gptqmodel,
     on_gpu,
     stdout_to_stderr,
-)  # noqa: F401
+)
 
 logger = logging.getLogger(__name__)
 

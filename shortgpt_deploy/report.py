@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .budget import BudgetResult
     from .quantize import QuantizedVariant
     from .records import BenchSummary, EvalResult, RunRecord
+    from .repair import RepairResult
 
 ReportError = RunFolderError  # the name earlier callers catch
 
@@ -56,7 +57,7 @@ class RunFolder:
     summary: BenchSummary | None
     runs: list[RunRecord]
     budget: BudgetResult | None = None
-    repair: dict[str, Any] | None = None
+    repair: RepairResult | None = None
 
     @property
     def dir(self) -> RunDir:
@@ -75,7 +76,7 @@ def load_run(run_dir: Path) -> RunFolder:
         summary=run.load_bench_summary(),
         runs=run.load_bench_runs(),
         budget=run.load_budget(),
-        repair=read_json(run.repair_path),
+        repair=run.load_repair(),
     )
 
 
@@ -383,12 +384,9 @@ def repair_section(run: RunFolder, infos: dict[str, VariantInfo], status: dict[s
     out = ["## Repair"]
     if run.repair is None:
         return "\n\n".join([*out, _absent("repair", status["repair"])])
-    from .repair import RepairResult, step_table
+    from .repair import step_table
 
-    try:
-        r = RepairResult.from_dict(run.repair)
-    except (KeyError, TypeError) as err:
-        raise ReportError(f"{run.dir.repair_path} is not a repair.json written by shortgpt-deploy: {err}") from None
+    r = run.repair
     out.append(
         f"{' then '.join(r.methods)}, fitted on {r.tokens} tokens of {r.data.get('source', '?')} in "
         f"{r.time_s:.1f} s and folded into the weights: `repaired/` has the pruned checkpoint's tensor names and "
