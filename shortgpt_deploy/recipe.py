@@ -368,6 +368,9 @@ class ServeSpec(_Section):
     cpu_cores: str | None = Field(default=None, description="CPU: cores for vLLM's threads, e.g. 0-1.")
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="GPU: shard each layer over N GPUs.")
     pipeline_parallel_size: int | None = Field(default=None, ge=1, description="GPU: split the layers over N GPUs.")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        default=None, description="GPU: mp (one machine) or ray (a Ray cluster of several); default: vLLM's choice."
+    )
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, verbatim.")
 
 

