@@ -349,6 +349,24 @@ def server_env(opts: ServeOptions) -> dict[str, str]:
     return env
 
 
+# The variables server_env sets for vLLM, shown by dry_run_command (VLLM_API_KEY never).
+SERVER_VARIABLES = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE", "VLLM_HOST_IP")
+
+
+def dry_run_command(opts: ServeOptions) -> str:
+    """The shell line VLLMServer.start would run for `opts`, after the checks it makes (model folder, parallel
+    layout); the API key stays out of it, as it stays off vLLM's command line."""
+    import shlex
+
+    check_model_dir(opts.model_dir)
+    check_parallel(opts)
+    env = server_env(opts)
+    assigned = [f"{k}={shlex.quote(env[k])}" for k in SERVER_VARIABLES if k in env]
+    assigned += ['VLLM_API_KEY="$VLLM_API_KEY"'] * bool(opts.api_key)  # the shell's, as in curl_example
+    cwd = shlex.quote(str(Path(opts.model_dir).resolve().parent))
+    return f"cd {cwd} && " + " ".join(assigned + [shlex.quote(a) for a in vllm_argv(opts)])
+
+
 def check_model_dir(model_dir: Path) -> None:
     if not (Path(model_dir) / "config.json").is_file():
         raise ModelLoadError(

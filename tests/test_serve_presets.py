@@ -150,12 +150,15 @@ def test_serve_dry_run_prints_the_command_and_starts_nothing(models, monkeypatch
     monkeypatch.setattr(serve, "local_gpus", lambda: 2)
     monkeypatch.setattr(serve, "ray_installed", lambda: True)
     monkeypatch.setattr(serve, "spawn", lambda *a, **k: pytest.fail("vLLM was started"))
-    args = ["serve", str(models / "pruned"), "--preset", "gpu-ray-2node", "--tensor-parallel-size", "1", "--dry-run"]
+    (models / "key").write_text("sk-secret-0123456789\n")
+    args = ["serve", str(models / "pruned"), "--preset", "gpu-ray-2node", "--tensor-parallel-size", "1", "--dry-run",
+            "--api-key-file", str(models / "key")]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     line = " ".join(result.output.split())
     model = str((models / "pruned").resolve())
-    assert f"vllm_cli serve {model} --host 127.0.0.1" in line
+    assert f'VLLM_API_KEY="$VLLM_API_KEY" {sys.executable} -m shortgpt_deploy.vllm_cli serve {model} --host' in line
+    assert "sk-secret" not in result.output and "VLLM_CPU" not in line  # on a GPU: no CPU variables
     assert "--pipeline-parallel-size 2 --distributed-executor-backend ray" in line
     assert "--tensor-parallel-size" not in line  # the option overrode the preset's 2 with vLLM's default, 1
     result = CliRunner().invoke(app, ["serve", str(models / "pruned"), "--pipeline-parallel-size", "0", "--dry-run"])

@@ -62,7 +62,16 @@ def serve(
     import time
 
     from ..recipe import ServeSpec
-    from ..serve import VLLMServer, curl_example, exposure_warnings, load_preset, mask, options_for, read_api_key
+    from ..serve import (
+        VLLMServer,
+        curl_example,
+        dry_run_command,
+        exposure_warnings,
+        load_preset,
+        mask,
+        options_for,
+        read_api_key,
+    )  # fmt: skip
 
     given = {
         "max_model_len": max_model_len, "dtype": dtype, "kv_cache_gib": kv_cache_gib, "cpu_cores": cpu_cores,
@@ -79,7 +88,7 @@ def serve(
     for warning in exposure_warnings(opts):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if dry_run:
-        _print_command(opts)
+        out.print(escape(dry_run_command(opts)), soft_wrap=True, highlight=False)
         return
     console.print(f"starting vLLM on {model_dir} (log: {log}); this takes about a minute on a small CPU")
     with VLLMServer(opts, log) as server:
@@ -91,26 +100,6 @@ def serve(
         while server.alive():
             time.sleep(1.0)
         raise ShortGPTError(f"vLLM exited unexpectedly; see {log}")
-
-
-def _print_command(opts: Any) -> None:
-    """What `serve` would run, after the checks it would make; the API key stays out (it goes in the environment)."""
-    import shlex
-
-    from ..serve import check_model_dir, check_parallel, server_env, vllm_argv
-
-    check_model_dir(opts.model_dir)
-    check_parallel(opts)
-    env = server_env(opts)
-    ours = [f"{k}={env[k]}" for k in SERVER_VARIABLES if k in env]
-    cwd = Path(opts.model_dir).resolve().parent
-    out.print(f"cd {shlex.quote(str(cwd))} && " + " ".join(map(shlex.quote, ours + vllm_argv(opts))), soft_wrap=True)
-    if opts.api_key:
-        out.print("(and VLLM_API_KEY in its environment)")
-
-
-# The variables server_env sets for vLLM, shown by --dry-run (VLLM_API_KEY never).
-SERVER_VARIABLES = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_AOT_COMPILE", "VLLM_HOST_IP")
 
 
 @handles_errors
