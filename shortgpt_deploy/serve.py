@@ -57,7 +57,8 @@ class ServeOptions:
 
 
 def cpu_dtype() -> str:
-    """bf16 only where the CPU has native bf16 math; elsewhere fp32 served faster (1.36x output tok/s on AVX2)."""
+    """The faster dtype by measurement (BENCHMARKS.md): bf16 where the CPU has native bf16 math (1.64x fp32's output
+    tok/s on an AVX-512 bf16 AMD EPYC), fp32 elsewhere (1.36x bf16's on an AVX2-only one)."""
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
