@@ -193,3 +193,64 @@ def test_every_state_space_family_scores(family, tmp_path):
     scores = score_layers(model, calibration(n_batches=2), metric="bi", progress=False).scores
     assert len(scores) == 6 and all(math.isfinite(s) and 0.0 < s <= 2.0 for s in scores)
     assert len({round(s, 6) for s in scores}) == 6
+
+
+# ---------------------------------------------------------------------------------------------- serving
+# What vLLM 0.32's CPU backend does with each family here (ARCH_NOTES / README): the reason a family cannot be
+# served is asserted, so the test says when a vLLM upgrade starts serving it.
+VLLM_CPU: dict[str, str | None] = {
+    "mamba2": None,
+    "mamba": None,
+    "bamba": "removed from vLLM in 0.23.0",
+    "granitemoehybrid": None,
+}
+# Wide enough for vLLM's CPU attention (head_dim 32) and its Mamba kernels.
+VLLM_SIZES: dict[str, dict[str, Any]] = {
+    "mamba": {"hidden_size": 128},
+    "mamba2": {"hidden_size": 128, "num_heads": 4, "head_dim": 64, "chunk_size": 64},
+    "bamba": {"hidden_size": 128, "intermediate_size": 256, "mamba_chunk_size": 64},
+    "granitemoehybrid": {"hidden_size": 128, "intermediate_size": 256, "shared_intermediate_size": 256,
+                         "mamba_chunk_size": 64},
+}  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served_greedy(url: str, model: str, prompt: list[int], n: int) -> list[int]:
+    import json
+    import urllib.request
+
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 (loopback)
+        return json.loads(r.read())["choices"][0]["token_ids"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vllm_serves_the_pruned_model_like_transformers(family, tmp_path):
+    pytest.importorskip("vllm")
+    from shortgpt_deploy.serve import ServeError, ServeOptions, VLLMServer
+
+    dense = dense_folder(family, tmp_path / "dense", **VLLM_SIZES[family])
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(dense, make_plan(num_layers=6, layers=REMOVE, protect=[]), out_dir=pruned, progress=False)
+    prompts, n = [[1, 5, 9, 13, 40, 22], [1, 70, 8, 8, 33]], 8
+    expected = [greedy(load(pruned), torch.tensor([p]), n)[0][0].tolist() for p in prompts]
+    opts = ServeOptions(model_dir=pruned, port=free_port(), dtype="float32", max_model_len=128, kv_cache_gib=1)
+    log = tmp_path / "serve.log"
+    if VLLM_CPU[family] is not None:
+        with pytest.raises(ServeError, match="vLLM exited with code"), VLLMServer(opts, log, startup_timeout_s=300):
+            pass
+        return
+    with VLLMServer(opts, log, startup_timeout_s=300) as server:
+        got = [served_greedy(server.opts.url, "pruned", p, n) for p in prompts]
+    assert got == expected
