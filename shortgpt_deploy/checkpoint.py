@@ -29,7 +29,13 @@ from .errors import CheckpointError, ModelLoadError, OutputExistsError, OutputWr
 # Config fields that hold one entry per layer (lists, or a string with one character per layer).
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern", "hybrid_override_pattern")
 # Fields that list layer indices.
-LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers")
+LAYER_INDEX_FIELDS = (
+    "mlp_only_layers",
+    "moe_layers",
+    "attn_layer_indices",  # Bamba: the attention layers of a Mamba2 hybrid (its layers_block_type derives from it)
+)
+# Lists that are one setting, not one entry per layer, whatever their length (a 2-layer Mamba2 has 2 of each).
+FIXED_LIST_FIELDS = ("time_step_limit",)  # Mamba2 / Bamba / GraniteMoeHybrid: (min, max) of the SSM time step
 # Fields "layers below this index are special": the new value counts the kept layers below the old one.
 LAYER_THRESHOLD_FIELDS = ("max_window_layers", "first_k_dense_replace")
 
@@ -238,6 +244,8 @@ def layer_kinds(config: dict[str, Any]) -> list[tuple[Any, ...]]:
             per_layer: list[Any] = [i in members for i in range(n)]
         elif key in LAYER_THRESHOLD_FIELDS and isinstance(value, int):
             per_layer = [i < value for i in range(n)]
+        elif key in FIXED_LIST_FIELDS:
+            continue
         elif isinstance(value, list | str) and len(value) == n and (key in PER_LAYER_FIELDS or isinstance(value, list)):
             per_layer = [json.dumps(v, sort_keys=True) for v in value]
         else:

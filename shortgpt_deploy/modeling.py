@@ -47,6 +47,11 @@ DECODER_LAYERS: dict[str, str] = {
     "gemma3": "model.language_model.layers",
     "phi3": "model.layers",
     "baichuan": "model.layers",
+    # State-space and hybrid: each layer keeps its own recurrent (and, in hybrids, KV) cache slot at `layer_idx`.
+    "mamba": "backbone.layers",
+    "mamba2": "backbone.layers",
+    "bamba": "model.layers",
+    "granitemoehybrid": "model.layers",
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import (  # noqa: F401  (PLAN_FILE, WEIGHTS_INDEX: the folder's names, also read from here)
+    FIXED_LIST_FIELDS,
     LAYER_INDEX_FIELDS,
     LAYER_THRESHOLD_FIELDS,
     OTHER_WEIGHTS,
@@ -169,6 +170,8 @@ def slice_config(
                 f"config field {key}={value} sets sliding-window layers by period and there is no layer_types "
                 "list to slice; upgrade transformers so that it writes layer_types"
             )
+        elif key in FIXED_LIST_FIELDS:
+            continue
         elif isinstance(value, list) and len(value) == n and n > 1 and key not in PER_LAYER_FIELDS:
             # An unknown list with one entry per layer is almost surely per-layer; slicing it is the safer bet.
             cfg[key] = [value[i] for i in keep]

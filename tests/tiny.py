@@ -110,6 +110,49 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", {"sliding_window": SLIDING_WINDOW}),
 }
 
+# State-space and hybrid. Their configs have no (or other) attention fields, so they start from SSM_COMMON, not
+# TINY_COMMON. The scan chunk (8) is shorter than the test sequences (16), so the state carried across chunks
+# matters; the hybrids mix Mamba2 and attention layers, and the tests remove one of each.
+SSM_COMMON: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 6,
+    "vocab_size": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+HYBRID_COMMON: dict[str, Any] = {
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "mamba_n_heads": 4,  # head width 2 * 32 / 4 = 16
+    "mamba_n_groups": 1,
+    "mamba_d_state": 8,
+    "mamba_chunk_size": 8,
+}
+SSM_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mamba": ("MambaConfig", {"state_size": 8, "expand": 2, "conv_kernel": 4}),
+    "mamba2": ("Mamba2Config", {"num_heads": 4, "head_dim": 16, "expand": 2, "n_groups": 1, "state_size": 8,
+                                "chunk_size": 8}),
+    # Attention at explicit indices (layers_block_type derives from them).
+    "bamba": ("BambaConfig", {**HYBRID_COMMON, "attn_layer_indices": [1, 4]}),
+    # An explicit per-layer list, and a small MoE feed-forward beside a shared MLP in every layer.
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        {
+            **HYBRID_COMMON,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "shared_intermediate_size": 64,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                            "full_attention", "linear_attention"],
+        },
+    ),
+}  # fmt: skip
+FAMILIES.update(SSM_FAMILIES)
+
 
 def build_tiny_checkpoint(
     family: str, folder: Path, *, seed: int = 0, max_shard_size: int | str | None = None, **overrides: Any
@@ -126,7 +169,8 @@ def build_tiny_checkpoint(
     if family not in FAMILIES:
         raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     class_name, family_settings = FAMILIES[family]
-    config = getattr(transformers, class_name)(**{**TINY_COMMON, **family_settings, **overrides})
+    common = SSM_COMMON if family in SSM_FAMILIES else TINY_COMMON
+    config = getattr(transformers, class_name)(**{**common, **family_settings, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
