@@ -162,10 +162,22 @@ MOE_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "Qwen3MoeConfig",
         {**MOE_COMMON, "num_experts": 4, "head_dim": 8, "decoder_sparse_step": 1, "mlp_only_layers": [5]},
     ),
-    "deepseek_v2": ("DeepseekV2Config", {**MOE_COMMON, **MLA, "first_k_dense_replace": 2}),
+    # Routing settings as the hub's configs spell them (V2-Lite; V3), which vLLM reads and transformers ignores.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {**MOE_COMMON, **MLA, "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
+    ),
     "deepseek_v3": (
         "DeepseekV3Config",
-        {**MOE_COMMON, **MLA, "first_k_dense_replace": 2, "n_group": 2, "topk_group": 1},
+        {
+            **MOE_COMMON,
+            **MLA,
+            "first_k_dense_replace": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+        },
     ),
     "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
 }
