@@ -27,7 +27,13 @@ from typing import Any
 from .errors import CheckpointError, ModelLoadError, OutputExistsError, OutputWriteError, UnsupportedArchitectureError
 
 # Config fields that hold one entry per layer (lists, or a string with one character per layer).
-PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern", "hybrid_override_pattern")
+PER_LAYER_FIELDS = (
+    "layer_types",
+    "no_rope_layers",
+    "activation_sparsity_pattern",
+    "hybrid_override_pattern",
+    "mlp_layer_types",  # MoE: per-layer dense/sparse (the spelling newer transformers configs use)
+)
 # Fields that list layer indices.
 LAYER_INDEX_FIELDS = (
     "mlp_only_layers",
@@ -38,6 +44,42 @@ LAYER_INDEX_FIELDS = (
 FIXED_LIST_FIELDS = ("time_step_limit",)  # Mamba2 / Bamba / GraniteMoeHybrid: (min, max) of the SSM time step
 # Fields "layers below this index are special": the new value counts the kept layers below the old one.
 LAYER_THRESHOLD_FIELDS = ("max_window_layers", "first_k_dense_replace")
+
+# MoE and hybrid layouts placed by a period: period field → the field of its offset (None: no offset). Layer i
+# is "on" (sparse MLP, or attention for Jamba) as the modeling code of transformers 5.19 and vLLM 0.32 has it:
+#   decoder_sparse_step (Qwen2/3-MoE)       (i + 1) % step == 0, and i not in mlp_only_layers
+#   interleave_moe_layer_step (Llama 4)     (i + 1) % step == 0, unless moe_layers lists them
+#   moe_layer_freq (DeepSeek; vLLM only)    i % freq == 0, and i >= first_k_dense_replace
+#   attn/expert_layer_period (Jamba)        i % period == offset
+LAYER_PERIOD_FIELDS: dict[str, str | None] = {
+    "decoder_sparse_step": None,
+    "interleave_moe_layer_step": None,
+    "moe_layer_freq": None,
+    "attn_layer_period": "attn_layer_offset",
+    "expert_layer_period": "expert_layer_offset",
+}
+PERIOD_DEFAULT_OFFSETS = {"attn_layer_offset": 4, "expert_layer_offset": 1}  # JambaConfig's, if the file has none
+
+
+def on_period(field: str, i: int, period: int, offset: int = 0) -> bool:
+    """Whether the period field `field` (one of LAYER_PERIOD_FIELDS) alone turns layer i on."""
+    if field in ("decoder_sparse_step", "interleave_moe_layer_step"):
+        return (i + 1) % period == 0
+    if field == "moe_layer_freq":
+        return i % period == 0
+    return i % period == offset
+
+
+def period_settings(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(period, offset) of every period field `cfg` sets to a positive integer."""
+    out = {}
+    for field, offset_field in LAYER_PERIOD_FIELDS.items():
+        period = cfg.get(field)
+        if isinstance(period, int) and not isinstance(period, bool) and period >= 1:
+            offset = cfg.get(offset_field, PERIOD_DEFAULT_OFFSETS.get(offset_field, 0)) if offset_field else 0
+            out[field] = (period, offset if isinstance(offset, int) else 0)
+    return out
+
 
 # Bytes per element of the safetensors dtypes (sub-byte ones such as F4 are not checked by size).
 DTYPE_BYTES = {
@@ -233,11 +275,13 @@ def layer_kinds(config: dict[str, Any]) -> list[tuple[Any, ...]]:
     """A key per decoder layer: layers with the same key must hold the same tensors (same names and shapes).
 
     What tells layers apart is whatever config.json says per layer: per-layer lists and strings (layer_types,
-    hybrid patterns, widths per layer), index lists (mlp_only_layers) and thresholds (first_k_dense_replace).
+    hybrid patterns, widths per layer), index lists (mlp_only_layers), thresholds (first_k_dense_replace) and
+    periods (decoder_sparse_step).
     """
     cfg = text_config(config)
     n = cfg["num_hidden_layers"]
     kinds: list[tuple[Any, ...]] = [() for _ in range(n)]
+    settings = period_settings(cfg)
     for key, value in sorted(cfg.items()):
         if key in LAYER_INDEX_FIELDS and isinstance(value, list):
             members = set(value)
@@ -246,6 +290,8 @@ def layer_kinds(config: dict[str, Any]) -> list[tuple[Any, ...]]:
             per_layer = [i < value for i in range(n)]
         elif key in FIXED_LIST_FIELDS:
             continue
+        elif key in settings:
+            per_layer = [on_period(key, i, *settings[key]) for i in range(n)]
         elif isinstance(value, list | str) and len(value) == n and (key in PER_LAYER_FIELDS or isinstance(value, list)):
             per_layer = [json.dumps(v, sort_keys=True) for v in value]
         else:

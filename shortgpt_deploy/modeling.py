@@ -52,6 +52,13 @@ DECODER_LAYERS: dict[str, str] = {
     "mamba2": "backbone.layers",
     "bamba": "model.layers",
     "granitemoehybrid": "model.layers",
+    # MoE: the layers hold a router and experts in place of the MLP; a whole layer goes as in the dense families.
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
+    "qwen3_moe": "model.layers",
+    "deepseek_v2": "model.layers",
+    "deepseek_v3": "model.layers",
+    "olmoe": "model.layers",
 }
 
 

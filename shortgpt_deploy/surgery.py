@@ -22,6 +22,7 @@ from typing import Any
 from .checkpoint import (  # noqa: F401  (PLAN_FILE, WEIGHTS_INDEX: the folder's names, also read from here)
     FIXED_LIST_FIELDS,
     LAYER_INDEX_FIELDS,
+    LAYER_PERIOD_FIELDS,
     LAYER_THRESHOLD_FIELDS,
     OTHER_WEIGHTS,
     PER_LAYER_FIELDS,
@@ -30,7 +31,9 @@ from .checkpoint import (  # noqa: F401  (PLAN_FILE, WEIGHTS_INDEX: the folder's
     check_layer_tensors,
     copy_side_files,
     detect_layer_prefix,
+    on_period,
     output_transaction,
+    period_settings,
     read_config,
     read_config_layers,
     read_json,
@@ -45,15 +48,7 @@ from .plan import LayerPlan
 logger = logging.getLogger(__name__)
 
 
-# The config fields that describe layers per layer, by index and by threshold live in checkpoint.py.
-# Fields that describe layers by a period; removing layers breaks the period unless it is trivial.
-LAYER_PERIOD_FIELDS = (
-    "decoder_sparse_step",
-    "moe_layer_freq",
-    "interleave_moe_layer_step",
-    "attn_layer_period",
-    "expert_layer_period",
-)
+# The config fields that describe layers per layer, by index, by threshold and by period live in checkpoint.py.
 # Periodic sliding-window patterns, harmless once layer_types is written out explicitly.
 PATTERN_FIELDS = ("sliding_window_pattern", "_sliding_window_pattern")
 
@@ -145,10 +140,13 @@ def slice_config(
     if "layer_types" not in cfg and derived_layer_types is not None and len(derived_layer_types) == n:
         cfg["layer_types"] = list(derived_layer_types)
         notes.append("layer_types: written out explicitly (was derived)")
+    periodic, period_notes = rewrite_periods(cfg, keep)
     cfg["num_hidden_layers"] = len(keep)
     new_index = {old: new for new, old in enumerate(keep)}
     for key in list(cfg):
         value = cfg[key]
+        if key in periodic:
+            continue  # rewritten together with its period below
         if key in PER_LAYER_FIELDS and value is not None:
             if len(value) != n:
                 raise UnsupportedArchitectureError(f"config field {key} has {len(value)} entries for {n} layers")
@@ -160,11 +158,6 @@ def slice_config(
         elif key in LAYER_THRESHOLD_FIELDS and isinstance(value, int):
             cfg[key] = sum(1 for i in keep if i < value)
             notes.append(f"{key}: {value} → {cfg[key]}")
-        elif key in LAYER_PERIOD_FIELDS and isinstance(value, int) and value > 1:
-            raise UnsupportedArchitectureError(
-                f"config field {key}={value} places layers by period, which removing layers breaks; pruning this "
-                "architecture needs an explicit per-layer list (not supported yet)"
-            )
         elif key in PATTERN_FIELDS and value not in (None, 1) and not isinstance(cfg.get("layer_types"), list):
             raise UnsupportedArchitectureError(
                 f"config field {key}={value} sets sliding-window layers by period and there is no layer_types "
@@ -177,7 +170,104 @@ def slice_config(
             cfg[key] = [value[i] for i in keep]
             logger.warning("config field %s has one entry per layer: sliced it (unknown field, check it)", key)
             notes.append(f"{key}: sliced (unknown field with one entry per layer)")
-    return notes
+    cfg.update(periodic)
+    return notes + period_notes
+
+
+# ----------------------------------------------------------------------------------------- period fields
+def rewrite_periods(cfg: dict[str, Any], keep: list[int]) -> tuple[dict[str, Any], list[str]]:
+    """New values for the period fields of `cfg` and the fields they combine with (the caller applies them and
+    leaves those fields alone), such that every kept layer is rebuilt as the kind it was; a note per change.
+
+    A period that still describes the kept layers stays; otherwise another period (and offset) that does is
+    chosen; otherwise the layers are written out in the explicit list the architecture also accepts
+    (mlp_only_layers, moe_layers). Where it has none (Jamba, DeepSeek's moe_layer_freq) the plan is refused.
+    """
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    new_index = {old: new for new, old in enumerate(keep)}
+    for field, (period, offset) in period_settings(cfg).items():
+        target = _on_layers(cfg, field, keep, period, offset)
+        view = dict(cfg)  # the pruned config as slice_config would leave it without this rewrite
+        for key in _COMBINED.get(field, ()):
+            if isinstance(cfg.get(key), list):
+                view[key] = [new_index[i] for i in cfg[key] if i in new_index]
+            elif key == "first_k_dense_replace" and isinstance(cfg.get(key), int):
+                view[key] = sum(1 for i in keep if i < cfg[key])
+        found = _describe(view, field, target, period, offset)
+        if found is None and field == "decoder_sparse_step" and "mlp_only_layers" in cfg:
+            found = {field: 1, "mlp_only_layers": [j for j, on in enumerate(target) if not on]}
+        elif found is None and field == "interleave_moe_layer_step" and "moe_layers" in cfg:
+            found = {"moe_layers": [j for j, on in enumerate(target) if on]}
+            logger.warning(
+                "moe_layers written out explicitly for transformers; vLLM 0.32 places Llama 4's MoE layers by "
+                "interleave_moe_layer_step alone and cannot serve this pruned layout"
+            )
+        elif found is None:
+            raise UnsupportedArchitectureError(_no_period_message(field, period, offset, keep, target))
+        settled = {k: view[k] for k in _COMBINED.get(field, ()) if k in cfg} | found
+        for key, value in settled.items():
+            if value != cfg.get(key):
+                why = f" (so that each kept layer keeps its kind under {field})" if key in found else ""
+                notes.append(f"{key}: {cfg.get(key)} → {value}{why}")
+        out.update(settled)
+    return out, notes
+
+
+# The fields each period combines with (see checkpoint.LAYER_PERIOD_FIELDS): rewritten together with it.
+_COMBINED: dict[str, tuple[str, ...]] = {
+    "decoder_sparse_step": ("mlp_only_layers",),
+    "interleave_moe_layer_step": ("moe_layers",),
+    "moe_layer_freq": ("first_k_dense_replace",),
+}
+
+
+def _on_layers(cfg: dict[str, Any], field: str, layers: list[int], period: int, offset: int) -> list[bool]:
+    """Which of `layers` are "on" under `field` and the fields it combines with (see LAYER_PERIOD_FIELDS)."""
+    if field == "decoder_sparse_step":
+        dense, experts = set(cfg.get("mlp_only_layers") or ()), cfg.get("num_experts", 1)
+        return [i not in dense and bool(experts) and on_period(field, i, period) for i in layers]
+    if field == "interleave_moe_layer_step" and isinstance(cfg.get("moe_layers"), list):
+        return [i in set(cfg["moe_layers"]) for i in layers]  # transformers: the list overrides the step
+    if field == "moe_layer_freq":
+        first = cfg.get("first_k_dense_replace") or 0
+        return [i >= first and on_period(field, i, period) for i in layers]
+    return [on_period(field, i, period, offset) for i in layers]
+
+
+def _describe(view: dict[str, Any], field: str, target: list[bool], period: int, offset: int) -> dict[str, Any] | None:
+    """Settings of `field` (and its offset or threshold) under which layers 0..len(target)-1 of the pruned
+    config `view` are `target`; the old ones are tried first, so that nothing changes that need not."""
+    layers = list(range(len(target)))
+    offset_field = LAYER_PERIOD_FIELDS[field]
+    if field == "interleave_moe_layer_step":
+        view = {**view, "moe_layers": None}  # vLLM 0.32 reads the step alone: it must describe the layers itself
+    periods = [period, *(p for p in range(1, len(target) + 2) if p != period)]
+    for p in periods:
+        if offset_field is not None:  # Jamba: 0 <= offset < period
+            for o in [offset, *range(p)] if offset < p else range(p):
+                if _on_layers(view, field, layers, p, o) == target:
+                    return {field: p, offset_field: o}
+        elif field == "moe_layer_freq":
+            first = view.get("first_k_dense_replace") or 0
+            for k in [first, *range(len(target) + 1)]:
+                if _on_layers({**view, "first_k_dense_replace": k}, field, layers, p, 0) == target:
+                    return {field: p, "first_k_dense_replace": k}
+        elif _on_layers(view, field, layers, p, 0) == target:
+            return {field: p}
+    return None
+
+
+def _no_period_message(field: str, period: int, offset: int, keep: list[int], target: list[bool]) -> str:
+    offset_field = LAYER_PERIOD_FIELDS[field]
+    setting = f"{field}={period}" + (f" with {offset_field}={offset}" if offset_field else "")
+    on = [old for old, is_on in zip(keep, target, strict=True) if is_on]
+    return (
+        f"config field {setting} places layers by period, and no {field} describes the kept layers (of which "
+        f"{on} are the {'attention' if field == 'attn_layer_period' else 'sparse'} ones); this architecture has "
+        "no explicit per-layer list to write instead. Choose layers to remove that keep the pattern periodic "
+        f"(e.g. whole periods of {period} layers), or protect the layers that break it"
+    )
 
 
 def remap_module_names(obj: Any, prefix: str, plan: LayerPlan) -> Any:

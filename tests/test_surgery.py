@@ -282,17 +282,45 @@ def test_unknown_per_layer_list_is_sliced(tiny_checkpoint: Callable[..., Path], 
     assert cfg["not_per_layer"] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("step", [2, 3])
-def test_period_field_is_refused(step: int, tiny_checkpoint: Callable[..., Path], tmp_path: Path):
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"decoder_sparse_step": 2},
+        {"attn_layer_period": 2, "attn_layer_offset": 1},
+        {"expert_layer_period": 2, "expert_layer_offset": 1},
+    ],
+    ids=lambda f: next(iter(f)),
+)
+def test_period_without_a_list_to_write_is_refused(
+    fields: dict[str, int], tiny_checkpoint: Callable[..., Path], tmp_path: Path
+):
+    """Layers 1, 3, 5 are the period's; without layer 2 they are 1, 2, 4, which no period gives, and this
+    config.json has no explicit list (mlp_only_layers) to write them in: refused, naming the field."""
     src = tiny_checkpoint("llama", tmp_path / "src")
     raw = read_config(src)
-    raw["decoder_sparse_step"] = step
+    raw.update(fields)
     (src / "config.json").write_text(json.dumps(raw))
     out = tmp_path / "out"
-    with pytest.raises(UnsupportedArchitectureError, match="decoder_sparse_step"):
-        prune_checkpoint(src, plan_1_3(), out_dir=out, progress=False)
+    with pytest.raises(UnsupportedArchitectureError, match=f"{next(iter(fields))}=2"):
+        prune_checkpoint(src, make_plan(num_layers=6, layers=[2], protect=[]), out_dir=out, progress=False)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_period_is_rewritten(tiny_checkpoint: Callable[..., Path], tmp_path: Path):
+    """decoder_sparse_step 3 (layers 2, 5): without 1 and 3 they are 1 and 3, every 2nd; with mlp_only_layers in
+    the file, a layout no step gives is written out as the dense layers' list."""
+    src = tiny_checkpoint("llama", tmp_path / "src")
+    raw = read_config(src)
+    (src / "config.json").write_text(json.dumps({**raw, "decoder_sparse_step": 3}))
+    notes = prune_checkpoint(src, plan_1_3(), out_dir=tmp_path / "a", progress=False)
+    assert read_config(tmp_path / "a")["decoder_sparse_step"] == 2
+    assert any(n.startswith("decoder_sparse_step: 3 → 2") for n in notes)
+    (src / "config.json").write_text(json.dumps({**raw, "decoder_sparse_step": 2, "mlp_only_layers": []}))
+    plan = make_plan(num_layers=6, layers=[2], protect=[])
+    prune_checkpoint(src, plan, out_dir=tmp_path / "b", progress=False)
+    cfg = read_config(tmp_path / "b")
+    assert (cfg["decoder_sparse_step"], cfg["mlp_only_layers"]) == (1, [0, 3])  # sparse: old 1, 3, 5 = new 1, 2, 4
 
 
 def test_trivial_period_is_accepted(tiny_checkpoint: Callable[..., Path], tmp_path: Path):

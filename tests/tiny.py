@@ -185,3 +185,44 @@ def build_tiny_checkpoint(
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(folder, **save_kwargs)
     return folder
+
+
+# MoE: tiny mixture-of-experts models (4 experts, 2 per token). Where the family places dense and sparse layers,
+# the fixture mixes them, so that a layer rebuilt as the wrong kind fails to load or changes the logits:
+# Qwen2-MoE by period (decoder_sparse_step 2: layers 1, 3, 5 sparse), Qwen3-MoE by period and list (layer 5 made
+# dense by mlp_only_layers), DeepSeek by a dense prefix (first_k_dense_replace).
+MOE_COMMON: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 16}
+MLA: dict[str, Any] = {  # DeepSeek's multi-head latent attention, tiny
+    "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+    "n_routed_experts": 4, "n_shared_experts": 1, "num_key_value_heads": 4,  # MLA: as many K/V heads as queries
+}  # fmt: skip
+MOE_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**MOE_COMMON, "num_experts": 4, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 2},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {**MOE_COMMON, "num_experts": 4, "head_dim": 8, "decoder_sparse_step": 1, "mlp_only_layers": [5]},
+    ),
+    # Routing settings as the hub's configs spell them (V2-Lite; V3), which vLLM reads and transformers ignores.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {**MOE_COMMON, **MLA, "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1},
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            **MOE_COMMON,
+            **MLA,
+            "first_k_dense_replace": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+        },
+    ),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+}
+FAMILIES.update(MOE_FAMILIES)
