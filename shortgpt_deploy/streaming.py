@@ -4,7 +4,8 @@ The in-memory scorer (importance.collect_stats) runs the whole model once per ba
 around: the calibration tokens are embedded once, then each decoder layer in turn is read from the
 safetensors files (in the recipe's dtype, onto the scoring device), every batch's hidden states go through it,
 its statistics are folded in exactly as importance._Collector folds them, and it is freed. Peak memory is one
-layer, the calibration hidden states (in RAM, or a scratch file when they do not fit) and the embeddings.
+layer and the calibration hidden states (in RAM, or a scratch file when they do not fit); the embedding table
+is freed once the tokens are embedded.
 
 What each layer is called with besides its input (the attention mask of its attention type, the rotary
 position embeddings, position ids) is recorded by one forward of the model's own body with every decoder
@@ -313,6 +314,9 @@ def stream_stats(
         if pairs:
             stats.pair_angle_sum = [[0.0] * (n + 1) for _ in range(n + 1)]
         embedded, calls = _record_calls(sk, calibration, device)
+        for child in sk.body.children():  # the embedding table and final norm are not needed again: free them
+            if child is not sk.layers:
+                child.to_empty(device="meta")
         masks = [b.attention_mask.to(device).bool() for b in calibration.batches]
         stats.num_tokens = sum(int(m.sum()) for m in masks)
         per_batch = sum(x.numel() for x in embedded) * 4  # float32 unit vectors for pairs
