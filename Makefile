@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma demo report test test-all serve bench-core lint clean check-gpu-extra
+.PHONY: install data install-gemma demo report test test-all serve bench-core bench-scale lint clean check-gpu-extra
 
 install: $(STAMP) $(DATA)
 
@@ -83,6 +83,11 @@ test-all: install-gemma
 
 bench-core: install
 	$(PY) benchmarks/bench_core.py --append BENCHMARKS.md
+
+# Streamed scoring and surgery of a random-weight Llama-2-13B-shaped bf16 checkpoint (~26 GB, larger than RAM),
+# written to /var/tmp and deleted afterwards; BENCH_SCALE_ARGS e.g. --samples 4 --layers 20 --work DIR.
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py --append BENCHMARKS.md $(BENCH_SCALE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check shortgpt_deploy tests benchmarks tools

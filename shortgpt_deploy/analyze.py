@@ -172,7 +172,7 @@ def sweep_grid(num_layers: int, removable: int, *, max_ratio: float, step: int) 
 class Context:
     """A loaded model and what every analysis measures with; held-out perplexities are memoised by removed set."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None: the metrics are streamed from `streamed` (a checkpoint folder)
     tokenizer: PreTrainedTokenizerBase
     add_bos: bool
     settings: AnalysisSettings
@@ -182,11 +182,16 @@ class Context:
     progress: bool = True
     _heldout: list[int] | None = None
     _measured: dict[frozenset[int], dict[str, float]] = field(default_factory=dict)
+    streamed: Path | None = None
 
     @property
     def num_layers(self) -> int:
+        from .checkpoint import read_config_layers
         from .modeling import decoder_layers
 
+        if self.model is None:
+            assert self.streamed is not None
+            return read_config_layers(self.streamed)
         return len(decoder_layers(self.model))
 
     def heldout_ids(self) -> list[int]:
@@ -238,7 +243,11 @@ class Context:
     def scores(self) -> LayerScores:
         """One scoring pass: every metric per layer, and the angular distance between every pair of boundaries."""
         from .importance import score_layers
+        from .streaming import score_streamed
 
+        if self.model is None:
+            assert self.streamed is not None
+            return score_streamed(self.streamed, self.calibration, metric="angular", progress=self.progress)
         return score_layers(self.model, self.calibration, metric="angular", progress=self.progress)
 
 
@@ -397,27 +406,46 @@ class AnalysisResult:
     data: dict[str, Any]
 
 
-def load_context(model_spec: str, settings: AnalysisSettings, *, progress: bool) -> tuple[Context, str]:
+def load_context(
+    model_spec: str, settings: AnalysisSettings, *, progress: bool, what: str = "", stream: str = "auto"
+) -> tuple[Context, str]:
+    """The model and what the analysis `what` measures with. `metrics` needs no model in memory: with `stream`
+    on, or auto when the weights do not fit, its scores are streamed one layer at a time (streaming.py)."""
     from .calibration import build_calibration, load_documents
     from .modeling import decide_add_bos, load_model, resolve_checkpoint
+    from .recipe import PruneSpec
+    from .streaming import should_stream
     from .tasks import load_task
 
     # before the model, so that an unknown task or missing task data fails at once
     tasks = [load_task(name, limit=settings.limit, shots=settings.shots) for name in settings.tasks]
     docs = load_documents(settings.calibration)  # so does a missing or binary calibration file
     checkpoint = resolve_checkpoint(model_spec)
-    model, tokenizer = load_model(checkpoint.path)
+    streamed = None
+    scoring = PruneSpec(metric="angular", n_remove=1, stream=stream)  # type: ignore[arg-type]
+    if what == "metrics" and should_stream(checkpoint.path, "float32", scoring):
+        from transformers import AutoTokenizer
+
+        model, tokenizer, streamed = None, AutoTokenizer.from_pretrained(checkpoint.path), checkpoint.path
+    else:
+        model, tokenizer = load_model(checkpoint.path)
     add_bos = decide_add_bos(tokenizer, requested=None, source=checkpoint.add_bos)
     calib, greedy = (
         build_calibration(docs, tokenizer, spec, add_bos=add_bos, source=spec.source)
         for spec in (settings.calibration, settings.greedy_calibration)
     )
-    ctx = Context(model, tokenizer, add_bos, settings, calib, greedy, tasks, progress)
+    ctx = Context(model, tokenizer, add_bos, settings, calib, greedy, tasks, progress, streamed=streamed)
     return ctx, str(checkpoint.path)
 
 
 def run_analysis(
-    model_spec: str, *, what: str, settings: AnalysisSettings, out_dir: Path | None = None, progress: bool = True
+    model_spec: str,
+    *,
+    what: str,
+    settings: AnalysisSettings,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    stream: str = "auto",
 ) -> AnalysisResult:
     """Run one analysis (`what`, one of ANALYSES) and write out_dir/<what>.json and .png. MODEL may be a build's
     run folder: the analysis is then of its recipe's model (orthogonality: of its four checkpoints), written
@@ -432,7 +460,7 @@ def run_analysis(
         data |= orthogonality_analysis(model_spec, settings, progress=progress)
         data |= {"duration_s": round(time.perf_counter() - start, 2), "provenance": provenance()}
         return _write(data, out_dir)
-    ctx, checkpoint = load_context(model_of_run(model_spec), settings, progress=progress)
+    ctx, checkpoint = load_context(model_of_run(model_spec), settings, progress=progress, what=what, stream=stream)
     results = ANALYZERS[what](ctx)
     s = settings
     data = {

@@ -308,6 +308,13 @@ def score_layers(
         stats = LayerStats(num_layers=len(decoder_layers(model)))
     else:
         stats = collect_stats(model, calibration, pairs=metric == "angular", progress=progress)
+    return scores_from_stats(stats, calibration, metric=metric, model_name=model_name, start=start)
+
+
+def scores_from_stats(
+    stats: LayerStats, calibration: CalibrationSet, *, metric: str, model_name: str, start: float
+) -> LayerScores:
+    """scores.json's content from accumulated statistics (in memory here, or streamed: streaming.py)."""
     scores = METRICS[metric](stats)
     all_metrics = {name: fn(stats) for name, fn in METRICS.items()} if stats.num_tokens else {}
     angular = None

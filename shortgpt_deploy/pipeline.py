@@ -25,14 +25,14 @@ from .checkpoint import output_transaction
 from .errors import OutputExistsError, PlanError, ShortGPTError
 from .gen import GEN_FIELD, check_gen_source, write_gen_checkpoint
 from .importance import LayerScores
-from .modeling import cache_dir, load_model, resolve_checkpoint
+from .modeling import cache_dir, resolve_checkpoint
 from .plan import LayerPlan, make_plan
 from .preflight import QuantizeChoice, preflight  # noqa: F401  (QuantizeChoice: what preflight settles)
 from .recipe import GEN_VARIANT, GREEDY_METRIC, CalibrationSpec, ModelSpec, PruneSpec, Recipe
 from .report import write_report
 from .run import Manifest, RunDir, StageStatus
 from .runtime import third_party_output
-from .stages import STAGES, StageContext, calibrate_and_score, run_stage
+from .stages import STAGES, StageContext, load_and_score, run_stage
 from .surgery import prune_checkpoint, read_config_layers
 
 if TYPE_CHECKING:
@@ -76,9 +76,12 @@ def score_model(
     metric: str,
     out: Path,
     n_remove: int | None = None,
+    stream: str = "auto",
     progress: bool = True,
 ) -> LayerScores:
     """`shortgpt-deploy score`: per-layer scores of a model, written to `out` (scores.json).
+
+    `stream` (auto, on, off): score one layer at a time from the files (streaming.py); auto when it does not fit.
 
     ppl_greedy scores only the layers it removes: `n_remove` of them (default: a quarter of the layers, the
     paper's ratio), with the default protected layers; the other metrics score every layer and take no n_remove.
@@ -92,16 +95,12 @@ def score_model(
     manifest = Manifest()
     docs = load_documents(calib)  # a missing or binary calibration file fails before the model loads
     checkpoint = resolve_checkpoint(model_spec.path, revision=model_spec.revision)
-    model, tokenizer = load_model(
-        checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code
-    )
     if metric == GREEDY_METRIC:
-        prune = PruneSpec(metric=metric, n_remove=n_remove) if n_remove else PruneSpec(metric=metric, ratio=0.25)
+        amount = {"n_remove": n_remove} if n_remove else {"ratio": 0.25}
     else:
-        prune = PruneSpec(metric=metric, n_remove=1)  # the amount is irrelevant when scoring every layer
-    scores = calibrate_and_score(
-        model, tokenizer, checkpoint, model_spec, calib, prune, manifest, docs=docs, progress=progress
-    )
+        amount = {"n_remove": 1}  # the amount is irrelevant when scoring every layer
+    prune = PruneSpec(metric=metric, stream=stream, **amount)  # type: ignore[arg-type]
+    scores, _, _ = load_and_score(checkpoint, model_spec, calib, prune, manifest, docs=docs, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     scores.save(out)
     return scores

@@ -195,6 +195,11 @@ class PruneSpec(_Section):
         "the prompt but cache its K/V and run for generated tokens (gen/, see gen.py); [delete, gen]: both, from "
         "the same plan.",
     )
+    stream: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Score one decoder layer at a time, read from the safetensors files (streaming.py): on, off, or "
+        "auto (when the weights do not fit in the scoring device's memory). One-pass metrics only.",
+    )
     rotate_skipped_keys: bool = Field(
         default=True,
         description="gen: cache the skipped layers' prompt keys with rotary applied (false: unrotated, as the "

@@ -43,6 +43,19 @@ def on_gpu() -> bool:
         return False
 
 
+def available_memory_bytes(device: Any) -> int:
+    """Memory free for new tensors on `device` (a torch.device): the GPU's free memory, or MemAvailable."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU does bf16 math natively (AVX-512 bf16 / AMX). Elsewhere torch emulates it: on an AVX2-only
     AMD EPYC (2026-12-04, BENCHMARKS.md) a bf16 matmul took 8.8x a float32 one, and vLLM served SmolLM2 in fp32

@@ -41,6 +41,7 @@ from .runtime import third_party_output
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .calibration import CalibrationSet
     from .importance import LayerScores
     from .modeling import Checkpoint
 
@@ -166,20 +167,17 @@ def _score(ctx: StageContext) -> StageStatus:
     only: surgery streams from disk."""
     from .budget import select_budget
     from .calibration import load_documents
-    from .modeling import load_model, source_add_bos
+    from .modeling import source_add_bos
 
     recipe, p, manifest = ctx.recipe, ctx.recipe.prune, ctx.manifest
     docs = load_documents(recipe.calibration)  # a bad calibration file fails before the model loads
-    with manifest.timed("load_model"):
-        model, tokenizer = load_model(
-            ctx.source.path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code
-        )
-    scores = calibrate_and_score(
-        model, tokenizer, ctx.source, recipe.model, recipe.calibration, p, manifest, docs=docs, progress=ctx.progress
+    scores, model, tokenizer = load_and_score(
+        ctx.source, recipe.model, recipe.calibration, p, manifest, docs=docs, progress=ctx.progress
     )
     ctx.run.save_scores(scores)
     note = f"{scores.metric} of {scores.num_layers} layers"
     if p.budget is not None:
+        assert model is not None  # streaming.refusal: a budget needs the model in memory
         with manifest.timed("budget"):
             budget = select_budget(
                 model, tokenizer, scores, p, add_bos=source_add_bos(recipe.model, ctx.source), progress=ctx.progress
@@ -252,6 +250,61 @@ def _needs_scores(recipe: Recipe) -> bool:
     return recipe.prune.layers is None or recipe.prune.plot
 
 
+def load_and_score(
+    checkpoint: Checkpoint,
+    model_spec: ModelSpec,
+    calib: CalibrationSpec,
+    prune: PruneSpec,
+    manifest: Manifest,
+    *,
+    docs: list[str],
+    progress: bool,
+) -> tuple[LayerScores, PreTrainedModel | None, PreTrainedTokenizerBase]:
+    """Score `checkpoint` as `prune` asks: loaded whole (then calibrate_and_score), or one layer at a time from its
+    files when prune.stream says so or the weights do not fit (streaming.py; the model is then None)."""
+    from .modeling import load_model
+    from .streaming import score_streamed, should_stream
+
+    if not should_stream(checkpoint.path, model_spec.dtype, prune):
+        with manifest.timed("load_model"):
+            model, tokenizer = load_model(
+                checkpoint.path, dtype=model_spec.dtype, trust_remote_code=model_spec.trust_remote_code
+            )
+        scores = calibrate_and_score(
+            model, tokenizer, checkpoint, model_spec, calib, prune, manifest, docs=docs, progress=progress
+        )
+        return scores, model, tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=model_spec.trust_remote_code)
+    calibration = _calibration(tokenizer, checkpoint, model_spec, calib, manifest, docs=docs)
+    with manifest.timed("score"):
+        scores = score_streamed(
+            checkpoint.path, calibration, metric=prune.metric, dtype=model_spec.dtype, model_name=checkpoint.source,
+            progress=progress,
+        )  # fmt: skip
+    return scores, None, tokenizer
+
+
+def _calibration(
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint: Checkpoint,
+    model_spec: ModelSpec,
+    calib: CalibrationSpec,
+    manifest: Manifest,
+    *,
+    docs: list[str],
+) -> CalibrationSet:
+    from .calibration import build_calibration
+    from .modeling import decide_add_bos
+
+    add_bos = decide_add_bos(tokenizer, requested=model_spec.add_bos, source=checkpoint.add_bos)
+    with manifest.timed("calibration_tokenize"):
+        calibration = build_calibration(docs, tokenizer, calib, add_bos=add_bos, source=calib.source)
+    manifest.seeds["calibration"] = calib.seed
+    return calibration
+
+
 def calibrate_and_score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -266,19 +319,14 @@ def calibrate_and_score(
 ) -> LayerScores:
     """The calibration batches of `calib` and the prune section's metric per layer of `model`: one pass, or
     the iterative or greedy scorer when those are asked for (they remove layers as they go)."""
-    from .calibration import build_calibration
     from .importance import score_iteratively, score_layers
-    from .modeling import decide_add_bos
     from .plan import normalize_protected
 
     if prune.budget is not None and prune.budget.criterion == "retention":
         from .budget import load_budget_tasks
 
         load_budget_tasks(prune.budget)  # missing task data fails before minutes of scoring (preflight did too)
-    add_bos = decide_add_bos(tokenizer, requested=model_spec.add_bos, source=checkpoint.add_bos)
-    with manifest.timed("calibration_tokenize"):
-        calibration = build_calibration(docs, tokenizer, calib, add_bos=add_bos, source=calib.source)
-    manifest.seeds["calibration"] = calib.seed
+    calibration = _calibration(tokenizer, checkpoint, model_spec, calib, manifest, docs=docs)
     num_layers = model.config.get_text_config().num_hidden_layers
     with manifest.timed("score"):
         if prune.iterative or prune.metric == GREEDY_METRIC:

@@ -151,9 +151,9 @@ def test_missing_calibration_file(tmp_path, ckpt):
     ],
 )
 def test_binary_calibration_file_is_refused_before_the_model_loads(tmp_path, ckpt, monkeypatch, content, message):
-    from shortgpt_deploy import modeling, pipeline
+    from shortgpt_deploy import modeling
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded before the text check"))
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("model loaded before the text check"))
     path = tmp_path / "data.bin"
     path.write_bytes(content)
     code, output = run("score", ckpt, "--calibration", path, "--out", tmp_path / "s.json")

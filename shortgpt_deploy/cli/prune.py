@@ -47,6 +47,14 @@ def score(
     batch_size: int = 8,
     seed: int = 0,
     dtype: str = "float32",
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Score one decoder layer at a time, read from the files (models larger than memory); default: "
+            "only when the weights do not fit.",
+        ),
+    ] = None,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -65,7 +73,10 @@ def score(
     if n_remove is not None and n_remove < 1:
         raise ShortGPTError(f"--n-remove must be at least 1, got {n_remove}")
     with third_party_output(out.with_suffix(".log")):
-        scores = score_model(spec, calib, metric=metric, out=out, n_remove=n_remove, progress=not no_progress)
+        scores = score_model(
+            spec, calib, metric=metric, out=out, n_remove=n_remove, progress=not no_progress,
+            stream={None: "auto", True: "on", False: "off"}[stream],
+        )  # fmt: skip
     print_scores(scores.scores, scores.removal_order, scores.metric)
     console.print(f"wrote {out} ({scores.calibration['num_tokens']} calibration tokens, {scores.duration_s:.1f} s)")
 
