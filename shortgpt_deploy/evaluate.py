@@ -239,8 +239,9 @@ def evaluate_checkpoint(
             from .harness import run_lm_eval
 
             report["lm_eval"] = run_lm_eval(
-                ckpt.path, list(spec.lm_eval), limit=spec.limit, shots=spec.shots, batch_size=spec.batch_size
-            )
+                ckpt.path, list(spec.lm_eval), limit=spec.limit, shots=spec.shots, batch_size=spec.batch_size,
+                add_bos=ckpt.add_bos, progress=progress,
+            )  # fmt: skip
     return report
 
 

@@ -244,9 +244,12 @@ def to_item(task: Task, row: Row, prefix: str = "") -> MCItem:
     return MCItem(prefix + task.query(row), [DELIMITER + c for c in task.choices(row)], task.gold(row))
 
 
-def load_task(name: str, *, limit: int | None = None, shots: int | None = None) -> LoadedTask:
+def load_task(
+    name: str, *, limit: int | None = None, shots: int | None = None, configs: Sequence[str] | None = None
+) -> LoadedTask:
     """The first `limit` items of a task (all without), each prompt preceded by `shots` examples (the task's
-    default without: 5 for MMLU, 0 for the others) taken in order from the start of the few-shot split."""
+    default without: 5 for MMLU, 0 for the others) taken in order from the start of the few-shot split.
+    `configs` picks some of the task's configs (MMLU: subjects) instead of all."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     if limit is not None and limit < 1:
@@ -255,9 +258,12 @@ def load_task(name: str, *, limit: int | None = None, shots: int | None = None) 
     k = task.default_shots if shots is None else shots
     if k < 0:
         raise TaskError(f"--shots must be 0 or more, got {k}")
+    unknown = sorted(set(configs or ()) - set(task.configs))
+    if unknown:
+        raise TaskError(f"{name} has no config {', '.join(unknown)}; known: {', '.join(task.configs)}")
     per_config: list[list[MCItem]] = []
     sources: set[str] = set()
-    for config in task.configs:
+    for config in task.configs if configs is None else configs:
         rows, source = load_rows(task, task.split, config)
         sources.add(source)
         examples: Sequence[Row] = []

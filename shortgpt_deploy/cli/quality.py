@@ -44,7 +44,10 @@ def evaluate(
         str | None,
         typer.Option(
             "--lm-eval",
-            help="Also lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval` and the Hub).",
+            help=(
+                "Also lm-evaluation-harness tasks, comma-separated (`make install-lm-eval`): offline for piqa, "
+                "arc_easy, arc_challenge, hellaswag, boolq, mmlu, mmlu_SUBJECT, openbookqa, sciq; others need the Hub."
+            ),
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="With --tasks/--lm-eval: the first N items of each task.")] = None,
@@ -105,16 +108,16 @@ def _print_tasks(report: dict[str, Any]) -> None:
 
 
 def _print_harness(result: dict[str, Any], model: str) -> None:
-    table = Table(title=f"{result['harness']} on {model} (limit {result['limit']})")
-    for name in ("task", "acc", "acc_norm"):
+    table = Table(title=f"{result['harness']} on {model} (limit {result['limit']} per task or MMLU subject)")
+    for name in ("task", "n", "acc", "acc_norm"):
         table.add_column(name, justify="left" if name == "task" else "right")
 
     def cell(r: dict[str, float], m: str) -> str:
         return "—" if m not in r else f"{r[m]:.4f}" + (f" ± {r[m + '_stderr']:.4f}" if m + "_stderr" in r else "")
 
     for task, r in result["tasks"].items():
-        table.add_row(task, cell(r, "acc"), cell(r, "acc_norm"))
-    table.add_row("average", cell(result["average"], "acc"), cell(result["average"], "acc_norm"))
+        table.add_row(task, str(r.get("n", "")), cell(r, "acc"), cell(r, "acc_norm"))
+    table.add_row("average", "", cell(result["average"], "acc"), cell(result["average"], "acc_norm"))
     out.print(table)
 
 
