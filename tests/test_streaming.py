@@ -38,7 +38,7 @@ def calibration() -> CalibrationSet:
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", streaming.STREAMED_FAMILIES)
 def test_streamed_scores_equal_the_in_memory_ones(family, sharded, tiny_checkpoint, tmp_path):
     folder = tiny_checkpoint(family, tmp_path / family, max_shard_size="20KB" if sharded else None)
     assert (folder / "model.safetensors.index.json").is_file() == sharded
@@ -112,6 +112,20 @@ def test_gptq_sources_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(PlanError, match="GPTQ checkpoint's layers are packed 4-bit"):
         streaming.should_stream(folder, "float32", PruneSpec(metric="bi", n_remove=1, stream="on"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "mamba", "granitemoehybrid"])
+def test_moe_and_state_space_families_are_scored_in_memory(family, tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """Their checkpoints are renamed and fused at load time, which streaming does not replay: refused when forced,
+    loaded whole (with the reason) when auto finds the weights too big."""
+    assert family in FAMILIES and family not in streaming.STREAMED_FAMILIES
+    folder = tiny_checkpoint(family, tmp_path / family)
+    with pytest.raises(PlanError, match=f"not {family} .*stream: off"):
+        streaming.should_stream(folder, "float32", PruneSpec(metric="bi", n_remove=1, stream="on"))
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda device: 1)
+    caplog.set_level(logging.WARNING, logger="shortgpt_deploy.streaming")
+    assert not streaming.should_stream(folder, "float32", PruneSpec(metric="bi", n_remove=1))
+    assert "streaming is not possible" in caplog.text
 
 
 def test_recipe_stream_field_is_strict():
