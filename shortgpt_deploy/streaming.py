@@ -12,6 +12,11 @@ position embeddings, position ids) is recorded by one forward of the model's own
 layer's forward swapped for a recorder: the body builds masks and rotary tables exactly as it does for a full
 forward, so the streamed scores equal the in-memory ones (tests/test_streaming.py, every tiny family).
 
+Each layer's checkpoint tensors become its parameters through transformers' own load-time conversions
+(conversion_mapping.get_model_conversion_mapping, applied by core_model_loading as from_pretrained applies them):
+MoE checkpoints store one tensor per expert that the model fuses (experts.N.w1/w3 -> experts.gate_up_proj) and
+routers under other names, so only that replay, not reading the layer's own names, fills a MoE layer.
+
 Weights are read with plain file reads at the offsets of the safetensors header rather than through a memory
 map: mapped pages of a 26 GB file would stay resident (and count in the process's RSS) until unmapped.
 """
@@ -48,11 +53,14 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }  # fmt: skip
 STREAMABLE_METRICS = ("bi", "relative_magnitude", "angular", "sequential", "reverse")
-# The families whose streamed scores were shown equal to the in-memory ones (tests/test_streaming.py). MoE and
-# state-space families are not among them: transformers renames and fuses their checkpoint tensors at load time
-# (MoE experts into one gate_up_proj, routers renamed), which reading each layer's tensors by name does not replay,
-# and the hybrids' layers take other arguments than the recorder passes on.
-STREAMED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# The families whose streamed scores were shown equal to the in-memory ones (tests/test_streaming.py, every tiny
+# family): dense, MoE (their experts fused and routers renamed at load time by transformers' own conversions,
+# replayed per layer by _load_layer) and state-space/hybrid ones.
+STREAMED_FAMILIES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe",
+    "mamba", "mamba2", "bamba", "granitemoehybrid",
+)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------- choice
@@ -112,9 +120,8 @@ def refusal(folder: Path, prune: PruneSpec) -> str | None:
     mtype = str(read_config(folder).get("model_type"))
     if mtype not in STREAMED_FAMILIES:
         return (
-            f"layer-streamed scoring is built and tested for {', '.join(STREAMED_FAMILIES)}, not {mtype} (MoE and "
-            "state-space checkpoints are renamed and fused by transformers at load time); score it in memory "
-            "(stream: off)"
+            f"layer-streamed scoring is built and tested for {', '.join(STREAMED_FAMILIES)}, not {mtype}; score "
+            "it in memory (stream: off)"
         )
     if is_gen_checkpoint(folder):
         return "a ShortGPT-gen checkpoint changes how its skipped layers run; score its dense source instead"
@@ -191,12 +198,51 @@ class _Reader:
         state = {k: self.read(prefix + k) for k in keys}
         module.load_state_dict(state, strict=True, assign=True)
 
+    def layer_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor whose name starts with `prefix` (one layer's), by its checkpoint name."""
+        return {name: self.read(name) for name in self.index if name.startswith(prefix)}
+
+
+def _load_layer(sk: _Skeleton, i: int, reader: _Reader) -> None:
+    """Fill the materialized layer i from its checkpoint tensors through transformers' own load-time conversions
+    (get_model_conversion_mapping: MoE experts fused into gate_up_proj, routers renamed, ...), as from_pretrained
+    applies them; only layer i's tensors are read."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    config = LoadStateDictConfig(
+        dtype=reader.dtype, device_map={"": reader.device}, weight_mapping=get_model_conversion_mapping(sk.model)
+    )
+    state = reader.layer_tensors(f"{sk.layer_prefix}{i}.")
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would print once per layer
+    try:
+        info, _ = convert_and_load_state_dict_in_model(sk.model, state, config)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    own = f"{sk.layer_names[i]}."
+    missing = sorted(k for k in info.missing_keys if k.startswith(own))
+    wrong = sorted(str(k) for k in info.mismatched_keys) + [str(e) for e in info.conversion_errors.values()]
+    if missing or wrong:
+        raise ModelLoadError(
+            f"layer {i} of the checkpoint does not fill {type(sk.layers[i]).__name__}: missing "
+            f"{', '.join(missing) or 'none'}; mismatched or failed {', '.join(wrong) or 'none'}; is the folder's "
+            "config the one its weights were saved with? Else score it in memory (stream: off)"
+        )
+    if info.unexpected_keys:  # as from_pretrained, tensors the layer has no place for (old rotary inv_freq) are left
+        logger.debug("layer %d: checkpoint tensors not used: %s", i, ", ".join(sorted(info.unexpected_keys)))
+
 
 @dataclass
 class _Skeleton:
     body: torch.nn.Module  # the decoder body: real embeddings, rotary tables and norm; meta layers
     layers: torch.nn.ModuleList
     layer_prefix: str  # checkpoint tensor names of layer i start with layer_prefix + f"{i}."
+    model: torch.nn.Module  # the meta causal LM sharing `layers`: what transformers' conversions load into
+    layer_names: list[str]  # layer i's name in `model` ("model.layers.3")
 
 
 def _skeleton(folder: Path, reader: _Reader) -> _Skeleton:
@@ -242,7 +288,8 @@ def _skeleton(folder: Path, reader: _Reader) -> _Skeleton:
                 f"{type(layer).__name__} keeps buffers no checkpoint holds ({', '.join(sorted(own_buffers))}); "
                 "streaming cannot rebuild them: score it in memory (stream: off)"
             )
-    return _Skeleton(body, layers, layer_prefix)
+    names = {id(m): name for name, m in meta.named_modules()}
+    return _Skeleton(body, layers, layer_prefix, meta, [names[id(layer)] for layer in layers])
 
 
 # ------------------------------------------------------------------------------------------ hidden states
@@ -277,6 +324,7 @@ def _record_calls(sk: _Skeleton, calibration: CalibrationSet, device: torch.devi
     embedded: list[torch.Tensor] = []
     current: list[tuple[tuple, dict]] = []
     first: list[torch.Tensor] = []
+    as_pair = False
 
     def recorder(layer: torch.nn.Module) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -284,7 +332,9 @@ def _record_calls(sk: _Skeleton, calibration: CalibrationSet, device: torch.devi
             if not current:
                 first.append(hidden)
             current.append((args[1:], kwargs))
-            return hidden  # what the next layer sees is not used: only its arguments are
+            # what the next layer sees is not used, only its arguments are; but the body may unpack what a layer
+            # returns (Bamba's `hidden_states, attn_weights = decoder_layer(...)`)
+            return (hidden, None) if as_pair else hidden
 
         return forward
 
@@ -293,9 +343,14 @@ def _record_calls(sk: _Skeleton, calibration: CalibrationSet, device: torch.devi
     try:
         for batch in calibration.batches:
             current, first = [], []
-            sk.body(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-            )
+            inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
+            try:
+                sk.body(**inputs, use_cache=False)
+            except (TypeError, ValueError) as e:
+                if as_pair or "unpack" not in str(e):
+                    raise
+                as_pair, current, first = True, [], []  # the body unpacks (hidden, attention weights)
+                sk.body(**inputs, use_cache=False)
             if len(current) != len(sk.layers):
                 raise UnsupportedArchitectureError(
                     f"{type(sk.body).__name__} called {len(current)} of its {len(sk.layers)} layers in one forward; "
@@ -347,7 +402,7 @@ def stream_stats(
         for i in tqdm(range(n), desc="layers (streamed)", unit="layer", disable=not progress):
             layer = sk.layers[i]
             layer.to_empty(device=device)
-            reader.load(layer, f"{sk.layer_prefix}{i}.")
+            _load_layer(sk, i, reader)
             for b, h in enumerate(hidden):
                 args, kwargs = calls[b][i]
                 out = layer(h, *args, **kwargs)

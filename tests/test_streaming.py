@@ -1,5 +1,6 @@
-"""Layer-streamed scoring (streaming.py): the same scores as the in-memory pass for every tiny family, sharded
-or not; the automatic choice; `score --stream`; `analyze --what metrics` streamed; sources it refuses."""
+"""Layer-streamed scoring (streaming.py): the same scores as the in-memory pass for every tiny family (dense, MoE,
+state-space and hybrid), sharded or not; the automatic choice; `score --stream`; `analyze --what metrics`
+streamed; sources it refuses; a layer its checkpoint tensors do not fill."""
 
 import json
 import logging
@@ -7,11 +8,11 @@ import logging
 import pytest
 import torch
 from helpers import run, words
-from tiny import FAMILIES, tiny_llama, tiny_tokenizer
+from tiny import FAMILIES, MOE_FAMILIES, SSM_FAMILIES, tiny_llama, tiny_tokenizer
 
 from shortgpt_deploy import runtime, streaming
 from shortgpt_deploy.calibration import Batch, CalibrationSet
-from shortgpt_deploy.errors import PlanError
+from shortgpt_deploy.errors import ModelLoadError, PlanError
 from shortgpt_deploy.importance import score_layers
 from shortgpt_deploy.recipe import PruneSpec
 
@@ -114,18 +115,35 @@ def test_gptq_sources_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
         streaming.should_stream(folder, "float32", PruneSpec(metric="bi", n_remove=1, stream="on"))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "mamba", "granitemoehybrid"])
-def test_moe_and_state_space_families_are_scored_in_memory(family, tiny_checkpoint, tmp_path, monkeypatch, caplog):
-    """Their checkpoints are renamed and fused at load time, which streaming does not replay: refused when forced,
-    loaded whole (with the reason) when auto finds the weights too big."""
-    assert family in FAMILIES and family not in streaming.STREAMED_FAMILIES
-    folder = tiny_checkpoint(family, tmp_path / family)
-    with pytest.raises(PlanError, match=f"not {family} .*stream: off"):
+def test_every_tiny_family_is_streamed():
+    """MoE (experts fused, routers renamed at load time) and state-space/hybrid families included."""
+    assert set(FAMILIES) <= set(streaming.STREAMED_FAMILIES)
+    assert set(MOE_FAMILIES) | set(SSM_FAMILIES) <= set(streaming.STREAMED_FAMILIES)
+
+
+def test_a_family_outside_the_streamed_ones_is_scored_in_memory(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """Refused with the reason when forced, loaded whole (with the reason) when auto finds the weights too big."""
+    folder = tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    monkeypatch.setattr(streaming, "STREAMED_FAMILIES", ("llama",))
+    with pytest.raises(PlanError, match="not mixtral; score it in memory .stream: off"):
         streaming.should_stream(folder, "float32", PruneSpec(metric="bi", n_remove=1, stream="on"))
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda device: 1)
     caplog.set_level(logging.WARNING, logger="shortgpt_deploy.streaming")
     assert not streaming.should_stream(folder, "float32", PruneSpec(metric="bi", n_remove=1))
     assert "streaming is not possible" in caplog.text
+
+
+def test_a_layer_its_checkpoint_tensors_do_not_fill_is_an_error_naming_it(tiny_checkpoint, tmp_path):
+    """An expert missing from layer 2's tensors: the fused experts cannot be built, and no garbage is scored."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    state = load_file(folder / "model.safetensors")
+    dropped = [k for k in state if k.startswith("model.layers.2.") and ".experts.1." in k]
+    assert dropped
+    save_file({k: v for k, v in state.items() if k not in dropped}, folder / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ModelLoadError, match="layer 2 of the checkpoint does not fill MixtralDecoderLayer"):
+        streaming.score_streamed(folder, calibration(), metric="bi", progress=False)
 
 
 def test_recipe_stream_field_is_strict():
