@@ -388,6 +388,8 @@ def stream_stats(
         stats.num_tokens = sum(int(m.sum()) for m in masks)
         per_batch = sum(x.numel() for x in embedded) * 4  # float32 unit vectors for pairs
         need = sum(x.numel() * x.element_size() for x in embedded) + (per_batch * (n + 1) if pairs else 0)
+        # room for the hidden states in float32 too: a layer may widen them (Mamba's residual_in_fp32)
+        need += per_batch if any(x.element_size() < 4 for x in embedded) else 0
         scratch = _Scratch(need, device, stack)
         hidden = []
         for x in embedded:
@@ -412,7 +414,10 @@ def stream_stats(
                 stats.relmag_sum[i] += float(token_relative_magnitude(h, x_out).double()[mask].sum())
                 if pairs:
                     _fold_pairs(stats, units[b], _stored(scratch, _unit(x_out)), mask)
-                h.copy_(x_out)
+                if x_out.dtype == h.dtype:
+                    h.copy_(x_out)
+                else:  # the layer widened the residual stream (Mamba's residual_in_fp32): keep it wide, as in memory
+                    hidden[b] = _stored(scratch, x_out)
             layer.to_empty(device="meta")  # frees this layer's weights
     return stats
 

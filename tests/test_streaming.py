@@ -55,8 +55,10 @@ def test_streamed_scores_equal_the_in_memory_ones(family, sharded, tiny_checkpoi
     assert len(set(streamed.all_metrics["bi"])) == 6  # every layer scored, not a copy of one
 
 
-def test_streaming_in_bfloat16_matches_the_in_memory_bfloat16_pass(tiny_checkpoint, tmp_path):
-    folder = tiny_checkpoint("llama", tmp_path / "llama")
+@pytest.mark.parametrize("family", ["llama", "mixtral", "mamba", "mamba2"])
+def test_streaming_in_bfloat16_matches_the_in_memory_bfloat16_pass(family, tiny_checkpoint, tmp_path):
+    """Mamba's layers return a float32 residual stream from bfloat16 inputs: it stays float32, as in memory."""
+    folder = tiny_checkpoint(family, tmp_path / family)
     model, _ = load_model(folder, dtype="bfloat16")
     cal = calibration()
     dense = score_layers(model, cal, metric="bi", progress=False)
