@@ -415,7 +415,9 @@ def _bench(ctx: StageContext) -> StageStatus:
     preset = load_preset(serve.preset if serve else None)
     options = b.variant_options(preset, serve.model_dump(exclude={"preset"}) if serve else {})
     workload = b.Workload.from_spec(spec)
-    b.run_benchmark(variants, workload, out_dir=ctx.run.root, timeout_s=spec.timeout_s, options=options)  # → bench/
+    b.run_benchmark(
+        variants, workload, out_dir=ctx.run.root, timeout_s=spec.timeout_s, options=options, restart=spec.restart
+    )  # → bench/
     return StageStatus("complete", "; ".join(f"without {v}: {why}" for v, why in left_out.items()))
 
 
