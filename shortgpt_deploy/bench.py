@@ -44,7 +44,7 @@ from .manifest import provenance
 from .processes import spawn, stop_group
 from .records import BenchSummary, RunRecord
 from .run import RunDir
-from .runtime import on_gpu
+from .runtime import on_gpu, tqdm
 from .serve import (
     VLLM_DTYPES,
     ServeError,
@@ -358,6 +358,12 @@ class Plan:
     records: list[RunRecord] = field(default_factory=list)
     dtypes: dict[str, str] = field(default_factory=dict)  # variant → vLLM's --dtype, once its server has started
     server_starts: dict[str, int] = field(default_factory=dict)  # variant → servers started here (endpoints: 0)
+    bar: Any = None  # runtime.tqdm over the runs, when given
+
+    def advance(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
 
     @property
     def bench_dir(self) -> Path:
@@ -442,6 +448,7 @@ def run_levels(plan: Plan, variant: Variant, repeat: int, target: Target) -> Non
         else:
             rec.status, rec.message = "skipped", "the server had died"
         plan.save()
+        plan.advance(f"r{repeat} {variant.name} {level.label}: {rec.status}")
 
 
 def _server(
@@ -536,11 +543,13 @@ def run_benchmark(
     timeout_s: float = 900.0,
     options: OptionsFactory = default_options,
     restart: str = "per_repeat",
+    progress: bool = True,
 ) -> BenchSummary:
     """Every variant at every level, `workload.repeats` times interleaved; writes and returns the summary.
 
     `options` says how to serve each variant given a free loopback port (default: serve.py's defaults);
-    `restart` whether each repeat starts the servers again (per_repeat) or they stay up (once; restart_mode).
+    `restart` whether each repeat starts the servers again (per_repeat) or they stay up (once; restart_mode);
+    `progress` a bar over the runs.
 
     Raises BenchIncompleteError (after writing runs.json and summary.json) if any run did not succeed.
     """
@@ -564,7 +573,11 @@ def run_benchmark(
         for v in variants
         for i, lv in enumerate(workload.levels)
     ]
-    with _locked(plan.run.bench_lock):
+    with (
+        _locked(plan.run.bench_lock),
+        tqdm(total=len(plan.records), desc="bench", unit="run", disable=not progress) as bar,
+    ):
+        plan.bar = bar
         (run_kept_up if restart == "once" else run_per_repeat)(plan, variants, reps)
         return finish(plan, variants, load_1min=(load_at_start, os.getloadavg()[0]), restart=restart)
 
