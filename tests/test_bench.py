@@ -31,6 +31,7 @@ from shortgpt_deploy.bench import (
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.run import RunDir
+from shortgpt_deploy.serving_tables import bench_context
 from shortgpt_deploy.surgery import prune_checkpoint
 
 
@@ -551,6 +552,9 @@ def test_restart_once_keeps_every_server_up_and_alternates_the_repeats(tmp_path,
     assert statuses(tmp_path) == ["ok"] * 8
     saved = json.loads((tmp_path / "bench" / "summary.json").read_text())
     assert saved["restart"] == "once" and saved["server_starts"] == {"a": 1, "b": 1}
+    workload = bench_context(saved)[1]  # what BENCHMARKS.md and report.md say about it
+    assert "every variant's server started once and kept up, the repeats alternating between them (2 " in workload
+    assert "seed 0 + the run's index per (repeat, level)" in workload
 
 
 def test_restart_per_repeat_starts_a_server_per_repeat_with_the_same_seeds(tmp_path, tracked):
@@ -562,6 +566,7 @@ def test_restart_per_repeat_starts_a_server_per_repeat_with_the_same_seeds(tmp_p
             expected += [("start", v), *runs, ("stop", v)]
     assert tracked == expected  # one server up at a time; each (repeat, level) has its own prompts, alike for a, b
     assert summary.restart == "per_repeat" and summary.server_starts == {"a": 2, "b": 2}
+    assert "one server start per variant and repeat (4 server starts)" in bench_context(summary.to_dict())[1]
     runs = json.loads((tmp_path / "bench" / "runs.json").read_text())
     assert [r["seed"] for r in runs] == [0, 1, 0, 1, 2, 3, 2, 3]
 
