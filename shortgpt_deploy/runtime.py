@@ -141,8 +141,13 @@ def stage_lines_only(handler: logging.Handler) -> list[logging.Handler]:
     lines = logging.StreamHandler(CONSOLE)
     lines.setFormatter(logging.Formatter("%(message)s"))
     lines.addFilter(lambda r: r.name == PROGRESS_LOGGER and r.levelno < logging.WARNING)
-    _bars["leave"] = False
+    transient_bars(True)
     return [handler, lines]
+
+
+def transient_bars(on: bool) -> None:
+    """Whether our progress bars vanish when done (each command's logging setup says)."""
+    _bars["leave"] = not on
 
 
 class _OursOnly(logging.Filter):

@@ -35,8 +35,9 @@ S = TypeVar("S")
 def setup_logging(verbose: bool, *, stage_lines: bool = False) -> None:
     """Our records on the console (DEBUG with --verbose); `stage_lines` (build without --verbose): only warnings,
     errors and one line per stage there, the rest in the stages' log files (runtime.stage_lines_only)."""
-    from ..runtime import stage_lines_only
+    from ..runtime import stage_lines_only, transient_bars
 
+    transient_bars(False)  # a command before this one (in one process: tests) may have set them
     handler = RichHandler(console=console, show_path=False, show_time=False)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
