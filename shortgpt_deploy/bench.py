@@ -2,7 +2,15 @@
 
 Repeats are interleaved across variants (repeat 1: dense, pruned; repeat 2: dense, pruned; ...) so that drift of
 a shared machine falls on every variant alike, and ratios to the baseline (the first variant) are paired by
-repeat. One tokenizer drives every variant, so all see the same prompts. Written under OUT/bench/:
+repeat. One tokenizer drives every variant, so all see the same prompts; each (repeat, level) run draws its own
+(seed + its index), so that no run finds its prompts in the prefix cache of an earlier run on the same server.
+
+Two ways to keep servers (`restart`): `per_repeat` starts each variant's server for each repeat and stops it
+after (one server up at a time); `once` starts every variant's server first and keeps them all up, the repeats
+alternating between them (only one receives load at a time), which saves (variants x (repeats - 1)) starts.
+BENCHMARKS.md ("A server that stays up") measured whether that changes the numbers. `once` needs memory for every
+server at once and falls back to `per_repeat` where it would not fit, or on a GPU (each server takes most of
+its memory). Written under OUT/bench/:
 `r{repeat}-{variant}-{level}.json` (vLLM's result, as each run completes), `runs.json` (status of every planned
 run, rewritten after each), `summary.json`, and `logs/` (server and client output), each path and file through
 run.RunDir; the records themselves (RunRecord, BenchSummary) are in records.py. Tables, Markdown and plots
@@ -36,6 +44,7 @@ from .manifest import provenance
 from .processes import spawn, stop_group
 from .records import BenchSummary, RunRecord
 from .run import RunDir
+from .runtime import on_gpu, tqdm
 from .serve import (
     VLLM_DTYPES,
     ServeError,
@@ -52,6 +61,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+RESTART_MODES = ("per_repeat", "once")  # bench.restart: a server start per variant and repeat, or per variant
+# Beside its KV cache and weights, an idle vLLM CPU server (API server + engine process, torch loaded) holds about
+# this much RAM (measured: BENCHMARKS.md, "A server that stays up"); used to decide whether `once` fits.
+SERVER_OVERHEAD_GIB = 2.0  # measured 1.8 GiB (4.3 GiB RSS with a 2 GiB KV cache and 0.5 GiB of weights)
 SLO_METRICS = ("ttft", "tpot", "e2el")  # the request-level metrics vLLM's --goodput accepts
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 PERCENTILES = (50, 90, 99)
@@ -344,6 +357,13 @@ class Plan:
     options: OptionsFactory = default_options
     records: list[RunRecord] = field(default_factory=list)
     dtypes: dict[str, str] = field(default_factory=dict)  # variant → vLLM's --dtype, once its server has started
+    server_starts: dict[str, int] = field(default_factory=dict)  # variant → servers started here (endpoints: 0)
+    bar: Any = None  # runtime.tqdm over the runs, when given
+
+    def advance(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
 
     @property
     def bench_dir(self) -> Path:
@@ -378,12 +398,12 @@ def _reachable(variant: Variant) -> bool:
     return False
 
 
-def bench_argv(plan: Plan, target: Target, level: Level, result_name: str) -> list[str]:
+def bench_argv(plan: Plan, target: Target, level: Level, result_name: str, seed: int) -> list[str]:
     w = plan.workload
     argv = [sys.executable, "-m", "shortgpt_deploy.vllm_cli", "bench", "serve", "--backend", "vllm"]
     argv += ["--base-url", target.url, "--model", target.model, "--tokenizer", str(plan.tokenizer)]
     argv += w.dataset_argv() + ["--random-output-len" if w.dataset_path is None else "--custom-output-len"]
-    argv += [str(w.output_len), "--num-prompts", str(w.num_prompts), "--seed", str(w.seed), *level.argv()]
+    argv += [str(w.output_len), "--num-prompts", str(w.num_prompts), "--seed", str(seed), *level.argv()]
     argv += ["--num-warmups", str(w.num_warmups), "--ignore-eos", "--temperature", "0", "--disable-tqdm"]
     argv += ["--percentile-metrics", ",".join(LATENCY_METRICS), "--metric-percentiles", "50,90,99"]
     argv += ["--goodput", *map(str, w.slos)] if w.slos else []
@@ -396,7 +416,7 @@ def run_one(plan: Plan, rec: RunRecord, target: Target, level: Level) -> None:
     result, log_path = plan.run.bench_result(name), plan.run.bench_log(name)
     result.unlink(missing_ok=True)  # never mistake an older run's file for this one's
     logger.info("repeat %d, %s at %s: vllm bench serve (log: %s)", rec.repeat, rec.variant, rec.level, log_path)
-    start, argv = time.monotonic(), bench_argv(plan, target, level, result.name)
+    start, argv = time.monotonic(), bench_argv(plan, target, level, result.name, rec.seed)
     with log_path.open("wb") as log:
         proc = spawn(argv, log=log)
         try:
@@ -417,26 +437,101 @@ def run_one(plan: Plan, rec: RunRecord, target: Target, level: Level) -> None:
         rec.status, rec.message = "server_died", f"server gone ({rec.message})"
 
 
-def run_variant(plan: Plan, variant: Variant, repeat: int) -> bool:
-    """All levels of one variant in one repeat, on one server start; False if the server would not start."""
+def run_levels(plan: Plan, variant: Variant, repeat: int, target: Target) -> None:
+    """All levels of one variant in one repeat, against its server (while it stays alive)."""
+    if target.dtype is not None:
+        plan.dtypes[variant.name] = target.dtype
     todo = [r for r in plan.records if r.repeat == repeat and r.variant == variant.name]
+    for rec, level in zip(todo, plan.workload.levels, strict=True):
+        if target.alive():
+            run_one(plan, rec, target, level)
+        else:
+            rec.status, rec.message = "skipped", "the server had died"
+        plan.save()
+        plan.advance(f"r{repeat} {variant.name} {level.label}: {rec.status}")
+
+
+def _server(
+    stack: contextlib.ExitStack, plan: Plan, variant: Variant, log_name: str, repeat: int | None = None
+) -> Target | None:
+    """The variant's server, kept up until `stack` closes; None if it would not start, its pending runs (of
+    `repeat`, or all) then marked server_failed."""
     try:
-        log_path = plan.run.bench_log(f"r{repeat}-{variant.name}-server")
-        with serving(variant, log_path, plan.options) as target:
-            if target.dtype is not None:
-                plan.dtypes[variant.name] = target.dtype
-            for rec, level in zip(todo, plan.workload.levels, strict=True):
-                if target.alive():
-                    run_one(plan, rec, target, level)
-                else:
-                    rec.status, rec.message = "skipped", "the server had died"
-                plan.save()
+        target = stack.enter_context(serving(variant, plan.run.bench_log(log_name), plan.options))
     except (ServeError, BenchError) as err:
-        for rec in todo:
-            if rec.status == "pending":
-                rec.status, rec.message = "server_failed", str(err).splitlines()[0]
-        return False
-    return True
+        _mark_pending(plan, variant.name, "server_failed", str(err).splitlines()[0], repeat)
+        return None
+    if variant.model_dir is not None:
+        plan.server_starts[variant.name] = plan.server_starts.get(variant.name, 0) + 1
+    return target
+
+
+def _mark_pending(plan: Plan, variant: str, status: str, why: str, repeat: int | None = None) -> None:
+    for rec in plan.records:
+        if rec.variant == variant and rec.status == "pending" and repeat in (None, rec.repeat):
+            rec.status, rec.message = status, why
+    plan.save()
+
+
+def run_per_repeat(plan: Plan, variants: list[Variant], reps: range) -> None:
+    """restart: per_repeat. Each variant's server started for each repeat and stopped after it, one up at a time;
+    one that would not start is not tried again (its later runs are skipped)."""
+    broken: set[str] = set()
+    for repeat in reps:
+        for v in (v for v in variants if v.name not in broken):
+            with contextlib.ExitStack() as stack:
+                if (target := _server(stack, plan, v, f"r{repeat}-{v.name}-server", repeat)) is None:
+                    broken.add(v.name)
+                    _mark_pending(plan, v.name, "skipped", "its server failed to start earlier")
+                else:
+                    run_levels(plan, v, repeat, target)
+
+
+def run_kept_up(plan: Plan, variants: list[Variant], reps: range) -> None:
+    """restart: once. Every variant's server started first and kept up together; the repeats alternate between
+    them as in per_repeat, one server receiving load at a time. All stop when the last run is done."""
+    with contextlib.ExitStack() as stack:
+        targets = {v.name: _server(stack, plan, v, f"{v.name}-server") for v in variants}
+        for repeat in reps:
+            for v in variants:
+                if (target := targets[v.name]) is not None:
+                    run_levels(plan, v, repeat, target)
+
+
+def restart_mode(requested: str, variants: list[Variant], options: OptionsFactory) -> str:
+    """`requested`, or per_repeat where `once` cannot keep every server up: on a GPU (each vLLM server takes most
+    of its memory), or where their KV caches, weights and SERVER_OVERHEAD_GIB each exceed the RAM available."""
+    if requested not in RESTART_MODES:
+        raise BenchError(f"bench restart {requested!r}: use one of {', '.join(RESTART_MODES)}")
+    served = [v for v in variants if v.model_dir is not None]
+    if requested == "per_repeat" or len(served) < 2:
+        return requested
+    if on_gpu():
+        logger.warning("bench: restart once would keep several servers on one GPU, which cannot hold them: per_repeat")
+        return "per_repeat"
+    need_gib = sum(options(v, 0).kv_cache_gib + _weights_gib(v) + SERVER_OVERHEAD_GIB for v in served)
+    free_gib = available_memory_gib()
+    if free_gib is not None and need_gib > free_gib:
+        logger.warning(
+            "bench: %d servers up together need about %.1f GiB, %.1f GiB is available: restart per_repeat instead "
+            "(or lower serve.kv_cache_gib)", len(served), need_gib, free_gib,
+        )  # fmt: skip
+        return "per_repeat"
+    return requested
+
+
+def _weights_gib(variant: Variant) -> float:
+    assert variant.model_dir is not None
+    files = Path(variant.model_dir).glob("*.safetensors")
+    return sum(f.stat().st_size for f in files) / 2**30  # a gen folder's hard links count in full: it maps them
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        return int(next(x for x in lines if x.startswith("MemAvailable:")).split()[1]) / 2**20
+    return None
 
 
 def run_benchmark(
@@ -447,10 +542,14 @@ def run_benchmark(
     tokenizer: Path | None = None,
     timeout_s: float = 900.0,
     options: OptionsFactory = default_options,
+    restart: str = "per_repeat",
+    progress: bool = True,
 ) -> BenchSummary:
     """Every variant at every level, `workload.repeats` times interleaved; writes and returns the summary.
 
-    `options` says how to serve each variant given a free loopback port (default: serve.py's defaults).
+    `options` says how to serve each variant given a free loopback port (default: serve.py's defaults);
+    `restart` whether each repeat starts the servers again (per_repeat) or they stay up (once; restart_mode);
+    `progress` a bar over the runs.
 
     Raises BenchIncompleteError (after writing runs.json and summary.json) if any run did not succeed.
     """
@@ -464,21 +563,23 @@ def run_benchmark(
     dirs = [v.model_dir for v in variants if v.model_dir is not None]
     if tokenizer is None and not dirs:
         raise BenchError("only endpoints given: name a tokenizer folder with --tokenizer")
+    restart = restart_mode(restart, variants, options)
     plan = Plan(workload, RunDir(out_dir), Path(tokenizer or dirs[0]), timeout_s, options)
     plan.run.bench_logs.mkdir(parents=True, exist_ok=True)
     load_at_start, reps = os.getloadavg()[0], range(1, workload.repeats + 1)
-    plan.records = [RunRecord(r, v.name, lv.label) for r in reps for v in variants for lv in workload.levels]
-    broken: set[str] = set()  # a server that would not start is not tried again
-    with _locked(plan.run.bench_lock):
-        for repeat in reps:
-            for v in variants:
-                if v.name not in broken and not run_variant(plan, v, repeat):
-                    broken.add(v.name)
-                for rec in plan.records:
-                    if rec.variant == v.name and rec.repeat == repeat and rec.status == "pending":
-                        rec.status, rec.message = "skipped", "its server failed to start earlier"
-                plan.save()
-        return finish(plan, variants, load_1min=(load_at_start, os.getloadavg()[0]))
+    plan.records = [
+        RunRecord(r, v.name, lv.label, seed=workload.seed + (r - 1) * len(workload.levels) + i)
+        for r in reps
+        for v in variants
+        for i, lv in enumerate(workload.levels)
+    ]
+    with (
+        _locked(plan.run.bench_lock),
+        tqdm(total=len(plan.records), desc="bench", unit="run", disable=not progress) as bar,
+    ):
+        plan.bar = bar
+        (run_kept_up if restart == "once" else run_per_repeat)(plan, variants, reps)
+        return finish(plan, variants, load_1min=(load_at_start, os.getloadavg()[0]), restart=restart)
 
 
 @contextlib.contextmanager
@@ -495,7 +596,9 @@ def _locked(lock: Path) -> Iterator[None]:
         yield
 
 
-def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] = (0.0, 0.0)) -> BenchSummary:
+def finish(
+    plan: Plan, variants: list[Variant], load_1min: tuple[float, float] = (0.0, 0.0), restart: str = "per_repeat"
+) -> BenchSummary:
     """Summarise the runs that succeeded, write summary.json, and raise if any run did not succeed."""
     ok = [r for r in plan.records if r.status == "ok" and r.result_file]
     results = [
@@ -511,6 +614,8 @@ def finish(plan: Plan, variants: list[Variant], load_1min: tuple[float, float] =
         tokenizer=str(plan.tokenizer),
         sources={v.name: str(v.model_dir or v.endpoint) for v in variants},
         dtypes={v.name: plan.dtypes.get(v.name) for v in variants},
+        restart=restart,
+        server_starts={v.name: plan.server_starts.get(v.name, 0) for v in variants},
         provenance=provenance() | {"load_1min_start_end": list(load_1min)},
     )
     plan.run.save_bench_summary(summary)

@@ -380,7 +380,7 @@ class ServeSpec(_Section):
 
 
 class BenchSpec(_Section):
-    """`vllm bench serve` against each variant, one server at a time, repeats interleaved."""
+    """`vllm bench serve` against each variant, one receiving load at a time, repeats interleaved."""
 
     variants: list[VariantName] = Field(
         default_factory=lambda: ["dense", "pruned", "pruned-gptq"], description="The first is the baseline."
@@ -396,6 +396,12 @@ class BenchSpec(_Section):
     seed: int = 0
     slos: list[str] = Field(default_factory=list, description="Goodput SLOs, e.g. ttft:500 (ms).")
     timeout_s: float = Field(default=900.0, gt=0, description="Limit per vLLM client run.")
+    restart: Literal["per_repeat", "once"] = Field(
+        default="once",
+        description="once: each variant's server starts once and stays up, the repeats alternating between the "
+        "servers (per_repeat where they would not all fit: a GPU, too little RAM); per_repeat: a fresh server "
+        "for every repeat, one up at a time (`shortgpt-deploy bench`'s default, `make bench-serve`).",
+    )
 
     @field_validator("slos")
     @classmethod

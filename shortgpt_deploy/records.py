@@ -20,6 +20,7 @@ class RunRecord:
     duration_s: float | None = None
     load_1min: float | None = None  # at the end of the run: high values flag a machine shared with other work
     message: str = ""
+    seed: int | None = None  # of its prompts: the workload's seed + the run's (repeat, level) index
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,7 +33,8 @@ class RunRecord:
 
 
 # The fields finish() adds to summarize()'s; absent (None) in summaries written by hand or by early versions.
-_OPTIONAL = ("workload", "ttft_ideal_ratio", "tokenizer", "sources", "dtypes", "provenance")
+_OPTIONAL = ("workload", "ttft_ideal_ratio", "tokenizer", "sources", "dtypes", "provenance", "restart",
+             "server_starts")
 
 
 @dataclass
@@ -54,6 +56,8 @@ class BenchSummary:
     # absent from summaries written before it was recorded.
     dtypes: dict[str, str | None] | None = None
     provenance: dict[str, Any] | None = None
+    restart: str | None = None  # per_repeat | once: whether the servers were started again for each repeat
+    server_starts: dict[str, int] | None = None  # variant → vLLM servers started for it (an endpoint: 0)
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's object, its keys in the order bench has always written them."""

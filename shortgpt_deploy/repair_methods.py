@@ -168,9 +168,8 @@ def repair_linear(
     progress: bool = True,
 ) -> tuple[list[GapRepair], Changed]:
     """Fit and fold T for every gap, in order, into `student` (the pruned model) in memory."""
-    from tqdm.auto import tqdm
-
     from .modeling import decoder_layers
+    from .runtime import tqdm  # on the console also while libraries' output goes to the log
 
     gaps = find_gaps(plan)
     student_layers = decoder_layers(student)
@@ -256,9 +255,8 @@ def repair_scale(
     progress: bool = True,
 ) -> tuple[list[GapRepair], Changed]:
     """Measure α per gap in one dense pass, then scale the writers of every kept layer after each gap by 1/α."""
-    from tqdm.auto import tqdm
-
     from .modeling import decoder_layers
+    from .runtime import tqdm  # on the console also while libraries' output goes to the log
 
     start = time.perf_counter()
     gaps = find_gaps(plan)

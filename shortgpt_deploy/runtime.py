@@ -131,14 +131,37 @@ class _Console:
 
 
 CONSOLE: Any = _Console()
+# The logger of the console's summary lines (one per build stage): shown also where the console shows only
+# warnings (stage_lines_only); like every record of ours it also goes to the log of a capture.
+PROGRESS_LOGGER = "shortgpt_deploy.progress"
+_bars = {"leave": True}
 
 
 def tqdm(*args: Any, **kwargs: Any) -> Any:
-    """Our progress bars, on the console also while third-party output goes to a log."""
+    """Our progress bars, on the console also while third-party output goes to a log; they vanish when done
+    where the console shows one line per stage (stage_lines_only)."""
     from tqdm.auto import tqdm as bar
 
     kwargs.setdefault("file", CONSOLE)
+    kwargs.setdefault("leave", _bars["leave"])
     return bar(*args, **kwargs)
+
+
+def stage_lines_only(handler: logging.Handler) -> list[logging.Handler]:
+    """The console of a build: `handler` (the CLI's) keeps warnings and errors, a plain handler beside it the
+    PROGRESS_LOGGER's lines, and progress bars vanish when done, so a stage leaves one line behind. Every INFO
+    record of ours still reaches the log file of the capture it happens in (third_party_output)."""
+    handler.setLevel(logging.WARNING)
+    lines = logging.StreamHandler(CONSOLE)
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    lines.addFilter(lambda r: r.name == PROGRESS_LOGGER and r.levelno < logging.WARNING)
+    transient_bars(True)
+    return [handler, lines]
+
+
+def transient_bars(on: bool) -> None:
+    """Whether our progress bars vanish when done (each command's logging setup says)."""
+    _bars["leave"] = not on
 
 
 class _OursOnly(logging.Filter):

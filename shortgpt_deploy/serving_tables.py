@@ -96,12 +96,20 @@ def bench_context(summary: dict[str, Any]) -> list[str]:
     )
     data = f"prompts from {w['dataset_path']}" if w.get("dataset_path") else f"random prompts of {w.get('input_len')}"
     flops = ", ".join(f"{v} {f / 1e6:.1f} M" for v, f in summary["flops_per_token"].items() if f)
+    starts = summary.get("server_starts") or {}
+    servers = {  # summaries from before `restart` was recorded: a server start per variant and repeat
+        "once": "every variant's server started once and kept up, the repeats alternating between them",
+        "per_repeat": "one server start per variant and repeat",
+    }[summary.get("restart") or "per_repeat"]
+    if starts:
+        servers += f" ({sum(starts.values())} server starts)"
+    seed = f"seed {w.get('seed')}" + (" + the run's index per (repeat, level)" if summary.get("restart") else "")
     return [
         f"- Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {m.get('gpu', 'no GPU')}; {soft}; {load}",
         f"- Workload: vLLM's `bench serve`, {data} tokens, {w.get('output_len')} output tokens (EOS ignored, "
-        f"greedy), {w.get('num_prompts')} prompts after {w.get('num_warmups')} warm-up requests, seed "
-        f"{w.get('seed')}; {w.get('repeats')} repeats interleaved across variants, one server start per variant "
-        "and repeat; medians over repeats; ratios paired by repeat",
+        f"greedy), {w.get('num_prompts')} prompts after {w.get('num_warmups')} warm-up requests, {seed}; "
+        f"{w.get('repeats')} repeats interleaved across variants, {servers}; medians over repeats; ratios paired "
+        "by repeat",
         f"- FLOPs per token (2 × decoder-layer + 2 × LM-head parameters): {flops or 'n/a'}",
     ]
 

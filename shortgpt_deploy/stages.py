@@ -19,6 +19,7 @@ function here (or in its module) and one line in STAGES.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from .recipe import (
     Recipe,
 )
 from .run import Manifest, RunDir, StageStatus
-from .runtime import third_party_output
+from .runtime import PROGRESS_LOGGER, third_party_output, tqdm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .modeling import Checkpoint
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)  # one line per stage (the console of a build shows only these)
 
 # Which checkpoint each variant's greedy output is compared with in eval.json.
 REFERENCES = {
@@ -136,8 +138,9 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageStatus:
     a failed status (the build goes on); anything else (Ctrl-C) marks the run interrupted and propagates."""
     if not stage.enabled(ctx.recipe):
         return _record(ctx, stage, StageStatus("skipped", stage.off))
+    start = time.monotonic()
     if stage.makes_folder:  # timed by its steps (load_model, score, budget, surgery, gen)
-        return _record(ctx, stage, stage.run(ctx))
+        return _record(ctx, stage, stage.run(ctx), start)
     logger.info("stage %s", stage.name)
     try:
         for name in stage.needs:
@@ -152,12 +155,17 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageStatus:
         ctx.manifest.status = "interrupted"
         _record(ctx, stage, StageStatus("interrupted"))
         raise
-    return _record(ctx, stage, status)
+    return _record(ctx, stage, status, start)
 
 
-def _record(ctx: StageContext, stage: Stage, status: StageStatus) -> StageStatus:
+def _record(ctx: StageContext, stage: Stage, status: StageStatus, start: float | None = None) -> StageStatus:
+    """The status in the manifest (saved), and the stage's line on the console."""
     ctx.manifest.stages[stage.name] = status
     ctx.run.save_manifest(ctx.manifest)
+    took = f"{time.monotonic() - start:6.0f} s" if start is not None else " " * 8
+    note = status.note.splitlines()[0] if status.note else ""
+    note = note if len(note) <= 110 else note[:109] + "…"
+    progress.info("stage %-9s %-9s %s  %s", stage.name, status.state, took, note)
     return status
 
 
@@ -400,7 +408,7 @@ def _quantize(ctx: StageContext) -> StageStatus:
         update={"samples": q.samples, "seq_len": q.seq_len, "batch_size": q.batch_size}
     )
     results: dict[str, QuantizedVariant] = {}
-    for source in q.variants:
+    for source in tqdm(q.variants, desc="quantize", unit="model", disable=not ctx.progress):  # GPTQModel's: in the log
         name = source + QUANTIZED_SUFFIX
         with manifest.timed(f"quantize_{source}"):
             result = quantize_checkpoint(
@@ -463,7 +471,15 @@ def _bench(ctx: StageContext) -> StageStatus:
     preset = load_preset(serve.preset if serve else None)
     options = b.variant_options(preset, serve.model_dump(exclude={"preset"}) if serve else {})
     workload = b.Workload.from_spec(spec)
-    b.run_benchmark(variants, workload, out_dir=ctx.run.root, timeout_s=spec.timeout_s, options=options)  # → bench/
+    b.run_benchmark(
+        variants,
+        workload,
+        out_dir=ctx.run.root,
+        timeout_s=spec.timeout_s,
+        options=options,
+        restart=spec.restart,
+        progress=ctx.progress,
+    )  # → bench/
     return StageStatus("complete", "; ".join(f"without {v}: {why}" for v, why in left_out.items()))
 
 

@@ -31,6 +31,7 @@ from shortgpt_deploy.bench import (
 from shortgpt_deploy.cli import app
 from shortgpt_deploy.plan import make_plan
 from shortgpt_deploy.run import RunDir
+from shortgpt_deploy.serving_tables import bench_context
 from shortgpt_deploy.surgery import prune_checkpoint
 
 
@@ -164,6 +165,10 @@ def test_one_workload_from_the_recipe_section_and_from_the_cli(tmp_path, monkeyp
 
     assert "stopped by the test" in cli()
     assert got["workload"] == Workload() and got["timeout_s"] == 900.0  # the CLI's defaults, not the section's
+    assert got["restart"] == "per_repeat" and BenchSpec().restart == "once"  # bench is the thorough one
+    cli("--restart", "once")
+    assert got["restart"] == "once"
+    assert "--restart: Input should be 'per_repeat' or 'once'" in cli("--restart", "never") and not got
     cli("--concurrency", "2, 8", "--slo", "tpot:50", "--num-prompts", "3", "--timeout-s", "60")
     assert [lv.label for lv in got["workload"].levels] == ["c2", "c8"] and got["workload"].num_prompts == 3
     assert got["workload"].slos == (parse_slo("tpot:50"),) and got["timeout_s"] == 60.0
@@ -233,7 +238,7 @@ def fake():
 def fake_client(code: str):
     """Replace vLLM's client by `python -c code`; the code sees the result path as sys.argv[1]."""
 
-    def argv(plan, target, level, result_name):
+    def argv(plan, target, level, result_name, seed):
         assert target.model == "fake-model" and level.label in ("c1", "c4")
         return [sys.executable, "-c", code, str(plan.bench_dir / result_name)]
 
@@ -248,9 +253,9 @@ def test_runs_are_interleaved_and_summarised(tmp_path, fake, monkeypatch):
     order = []
     code = "import json, sys; json.dump({'output_throughput': 100.0, 'failed': 0}, open(sys.argv[1], 'w'))"
 
-    def argv(plan, target, level, result_name):
+    def argv(plan, target, level, result_name, seed):
         order.append(result_name)
-        return fake_client(code)(plan, target, level, result_name)
+        return fake_client(code)(plan, target, level, result_name, seed)
 
     monkeypatch.setattr(bench, "bench_argv", argv)
     variants = [Variant("a", endpoint=fake.url), Variant("b", endpoint=fake.url)]
@@ -277,12 +282,12 @@ def test_a_server_that_dies_skips_the_rest(tmp_path, fake, monkeypatch):
     good = "import json, sys; json.dump({'output_throughput': 50.0, 'failed': 0}, open(sys.argv[1], 'w'))"
     calls = []
 
-    def argv(plan, target, level, result_name):
+    def argv(plan, target, level, result_name, seed):
         calls.append(result_name)
         if result_name == "r1-b-c1.json":  # the server of b dies during its first run
             fake.stop()
-            return fake_client("import sys; sys.exit(1)")(plan, target, level, result_name)
-        return fake_client(good)(plan, target, level, result_name)
+            return fake_client("import sys; sys.exit(1)")(plan, target, level, result_name, seed)
+        return fake_client(good)(plan, target, level, result_name, seed)
 
     monkeypatch.setattr(bench, "bench_argv", argv)
     variants = [Variant("a", model_dir=tmp_path), Variant("b", endpoint=fake.url)]
@@ -340,7 +345,7 @@ def test_client_command_line(tmp_path):
     workload = Workload(slos=(parse_slo("ttft:500"), parse_slo("tpot:50")), output_len=32)
     plan = bench.Plan(workload, RunDir(tmp_path), tmp_path / "tok", timeout_s=60)
     target = bench.Target("http://127.0.0.1:8123", "pruned", lambda: True)
-    argv = bench.bench_argv(plan, target, Level(max_concurrency=4), "r1-pruned-c4.json")
+    argv = bench.bench_argv(plan, target, Level(max_concurrency=4), "r1-pruned-c4.json", 0)
     assert argv[1:5] == ["-m", "shortgpt_deploy.vllm_cli", "bench", "serve"]
     joined = " ".join(argv)
     for part in [
@@ -353,9 +358,9 @@ def test_client_command_line(tmp_path):
     ]:
         assert part in joined
     plan.workload = Workload(dataset_path=prompts)
-    joined = " ".join(bench.bench_argv(plan, target, Level(request_rate_per_s=0.5), "x.json"))
+    joined = " ".join(bench.bench_argv(plan, target, Level(request_rate_per_s=0.5), "x.json", 7))
     assert f"--dataset-name custom --dataset-path {prompts} --skip-chat-template --custom-output-len 64" in joined
-    assert "--request-rate 0.5" in joined and "--goodput" not in joined
+    assert "--request-rate 0.5" in joined and "--goodput" not in joined and "--seed 7 " in joined
 
 
 def test_one_benchmark_per_folder(tmp_path, fake):
@@ -405,7 +410,7 @@ def started(monkeypatch):
     code = "import json, sys; json.dump({'output_throughput': 10.0, 'failed': 0}, open(sys.argv[1], 'w'))"
     monkeypatch.setattr(bench, "VLLMServer", StartedServer)
     monkeypatch.setattr(
-        bench, "bench_argv", lambda plan, t, lv, name: [sys.executable, "-c", code, str(plan.bench_dir / name)]
+        bench, "bench_argv", lambda plan, t, lv, name, seed: [sys.executable, "-c", code, str(plan.bench_dir / name)]
     )
     monkeypatch.setattr(bench, "free_port", lambda: 9001)
     return StartedServer
@@ -502,3 +507,87 @@ def test_an_endpoints_dtype_is_unknown_and_an_old_summary_has_none(tmp_path, fak
     loaded = RunDir(tmp_path).load_bench_summary()
     assert loaded.dtypes is None and "dtypes" not in loaded.to_dict()
     assert [row[0] for row in summary_rows(loaded.to_dict())[1]] == ["a", "a"]
+
+
+# ------------------------------------------------------------------------------------------ restart: once
+@pytest.fixture
+def tracked(started, monkeypatch):
+    """Servers that record when they start and stop, and a client that records each run and its seed, all in one
+    list of events; plenty of memory unless a test says otherwise."""
+    events: list[tuple] = []
+
+    class Tracked(StartedServer):
+        def __enter__(self):
+            if self.opts.served_model_name == "broken":
+                raise bench.ServeError("vLLM exited with code 1 while starting broken")
+            events.append(("start", self.opts.served_model_name))
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            events.append(("stop", self.opts.served_model_name))
+
+    code = "import json, sys; json.dump({'output_throughput': 10.0, 'failed': 0}, open(sys.argv[1], 'w'))"
+
+    def argv(plan, target, level, name, seed):
+        events.append(("run", name.removesuffix(".json"), seed))
+        return [sys.executable, "-c", code, str(plan.bench_dir / name)]
+
+    monkeypatch.setattr(bench, "VLLMServer", Tracked)
+    monkeypatch.setattr(bench, "bench_argv", argv)
+    monkeypatch.setattr(bench, "available_memory_gib", lambda: 1000.0)
+    return events
+
+
+def two_variants(tmp_path, *names):
+    model = config_only(tmp_path / "m")
+    return [Variant(n, model_dir=model) for n in names]
+
+
+def test_restart_once_keeps_every_server_up_and_alternates_the_repeats(tmp_path, tracked):
+    summary = run_benchmark(two_variants(tmp_path, "a", "b"), Workload(repeats=2), out_dir=tmp_path, restart="once")
+    levels = list(enumerate(["c1", "c4"]))
+    runs = [("run", f"r{r}-{v}-{lv}", 2 * (r - 1) + i) for r in (1, 2) for v in "ab" for i, lv in levels]
+    assert tracked == [("start", "a"), ("start", "b"), *runs, ("stop", "b"), ("stop", "a")]
+    assert summary.restart == "once" and summary.server_starts == {"a": 1, "b": 1}
+    assert statuses(tmp_path) == ["ok"] * 8
+    saved = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert saved["restart"] == "once" and saved["server_starts"] == {"a": 1, "b": 1}
+    workload = bench_context(saved)[1]  # what BENCHMARKS.md and report.md say about it
+    assert "every variant's server started once and kept up, the repeats alternating between them (2 " in workload
+    assert "seed 0 + the run's index per (repeat, level)" in workload
+
+
+def test_restart_per_repeat_starts_a_server_per_repeat_with_the_same_seeds(tmp_path, tracked):
+    summary = run_benchmark(two_variants(tmp_path, "a", "b"), Workload(repeats=2), out_dir=tmp_path)
+    expected = []
+    for r in (1, 2):
+        for v in "ab":
+            runs = [("run", f"r{r}-{v}-{lv}", 2 * (r - 1) + i) for i, lv in enumerate(["c1", "c4"])]
+            expected += [("start", v), *runs, ("stop", v)]
+    assert tracked == expected  # one server up at a time; each (repeat, level) has its own prompts, alike for a, b
+    assert summary.restart == "per_repeat" and summary.server_starts == {"a": 2, "b": 2}
+    assert "one server start per variant and repeat (4 server starts)" in bench_context(summary.to_dict())[1]
+    runs = json.loads((tmp_path / "bench" / "runs.json").read_text())
+    assert [r["seed"] for r in runs] == [0, 1, 0, 1, 2, 3, 2, 3]
+
+
+def test_restart_once_falls_back_where_the_servers_would_not_fit(tmp_path, tracked, monkeypatch, caplog):
+    monkeypatch.setattr(bench, "available_memory_gib", lambda: 5.0)  # two servers: 2 x (2 GiB KV + 2 GiB) > 5
+    summary = run_benchmark(two_variants(tmp_path, "a", "b"), Workload(repeats=2), out_dir=tmp_path, restart="once")
+    assert summary.restart == "per_repeat" and summary.server_starts == {"a": 2, "b": 2}
+    assert "2 servers up together need about 8.0 GiB, 5.0 GiB is available: restart per_repeat" in caplog.text
+    monkeypatch.setattr(bench, "available_memory_gib", lambda: 8.5)
+    assert bench.restart_mode("once", two_variants(tmp_path / "x", "a", "b"), bench.default_options) == "once"
+    monkeypatch.setattr(bench, "on_gpu", lambda: True)
+    assert bench.restart_mode("once", two_variants(tmp_path / "y", "a", "b"), bench.default_options) == "per_repeat"
+    with pytest.raises(BenchError, match="bench restart 'sometimes': use one of per_repeat, once"):
+        bench.restart_mode("sometimes", [], bench.default_options)
+
+
+def test_restart_once_with_a_server_that_will_not_start(tmp_path, tracked):
+    variants = two_variants(tmp_path, "a", "broken")
+    with pytest.raises(BenchIncompleteError, match="4 of 8 benchmark runs did not succeed"):
+        run_benchmark(variants, Workload(repeats=2), out_dir=tmp_path, restart="once")
+    assert statuses(tmp_path) == ["ok", "ok", "server_failed", "server_failed"] * 2
+    assert [e for e in tracked if e[0] != "run"] == [("start", "a"), ("stop", "a")]
+    assert RunDir(tmp_path).load_bench_summary().server_starts == {"a": 1, "broken": 0}

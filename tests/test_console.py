@@ -38,20 +38,21 @@ def words(tmp_path) -> Path:
     return path
 
 
-def cli(*args, cwd: Path) -> tuple[int, str]:
-    """Exit code and the console (stdout and stderr together) of `shortgpt-deploy ARGS`."""
+def cli(*args, cwd: Path, raw: bool = False) -> tuple[int, str]:
+    """Exit code and the console (stdout and stderr together) of `shortgpt-deploy ARGS`; `raw` keeps a bar's "\r"
+    as it is (text mode reads it as a new line)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "250"}  # this checkout's package; no wrapped lines
     proc = subprocess.run(
         [sys.executable, "-m", "shortgpt_deploy", *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        text=not raw,
         env=env,
         cwd=cwd,
         timeout=300,
     )
-    return proc.returncode, proc.stdout
+    return proc.returncode, proc.stdout.decode() if raw else proc.stdout
 
 
 def noise(console: str) -> list[str]:
@@ -129,6 +130,41 @@ def test_build_writes_a_log_per_stage(tmp_path, ckpt, words):
         assert "Loading weights" in (logs / name).read_text(), name
     assert not list(Path(os.environ["SHORTGPT_CACHE"], "logs").glob("run-score.log"))  # moved into the run
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["eval"]["state"] == "complete"
+
+
+def test_a_build_prints_one_line_per_stage_then_the_headline(tmp_path, ckpt, words):
+    """Without --verbose: a line per stage (our INFO records only in the logs), the headline table, the report's
+    path; progress bars vanish when done (leave=False), so a terminal keeps one line per stage."""
+    (tmp_path / "heldout.txt").write_text(" ".join(random.Random(1).choice(WORDS) for _ in range(2000)))
+    recipe = {
+        "model": {"path": str(ckpt)},
+        "calibration": {"files": [str(words)], "samples": 4, "seq_len": 32, "batch_size": 2},
+        "prune": {"n_remove": 2, "mode": ["delete", "gen"]},
+        "output": {"dir": str(tmp_path / "run")},
+        "eval": {"text": str(tmp_path / "heldout.txt"), "max_tokens": 256, "context_len": 64, "stride": 64,
+                 "greedy_prompts": 2, "greedy_tokens": 4},
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, console = cli("build", tmp_path / "recipe.yaml", cwd=tmp_path, raw=True)
+    assert code == 0, console
+    assert noise(console) == [], console
+    lines = [line.split("\r")[-1] for line in console.split("\n")]  # what a terminal keeps of a bar's line
+    stages = [line.split()[1:3] for line in lines if line.startswith("stage ")]
+    assert stages == [["score", "complete"], ["plan", "complete"], ["prune", "complete"], ["repair", "skipped"],
+                      ["quantize", "skipped"], ["eval", "complete"], ["bench", "skipped"]], console  # fmt: skip
+    assert "calibration: 4 blocks" not in console and "INFO" not in console, console
+    assert "calibration: 4 blocks" in (tmp_path / "run" / "logs" / "score.log").read_text()  # ours, in the log
+    assert "eval: pruned" in (tmp_path / "run" / "logs" / "eval.log").read_text()
+    assert any("perplexity: " in line for line in console.split("\r"))  # the bars ran...
+    assert not any("%|" in line for line in lines), console  # ...and were cleared: no line keeps one
+    rows = {line.split()[1]: line.split()[2:] for line in lines if line.startswith("│")}
+    assert rows["dense"][:2] == ["│", "6"] and rows["pruned"][:2] == ["│", "4"] and rows["gen"][:2] == ["│", "6"]
+    ppl = json.loads((tmp_path / "run" / "eval.json").read_text())["perplexity"]["pruned"]["perplexity"]
+    assert f"{ppl:.2f}" in rows["pruned"], console
+    assert f"report: {tmp_path / 'run' / 'report.md'}" in lines and (tmp_path / "run" / "report.md").is_file()
+    assert len(lines) <= 25, console
+    code, verbose = cli("build", tmp_path / "recipe.yaml", "--force", "--verbose", "--no-progress", cwd=tmp_path)
+    assert code == 0 and "calibration: 4 blocks" in verbose and noise(verbose) == [], verbose
 
 
 def test_gptq_output_goes_to_the_log(tmp_path, ckpt, words):

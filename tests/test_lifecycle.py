@@ -30,7 +30,7 @@ DRIVER = textwrap.dedent(
     from shortgpt_deploy import bench, serve
     fake = [sys.executable, {str(FAKE)!r}]
     serve.vllm_argv = lambda opts: fake + ["serve", "m", "--host", opts.host, "--port", str(opts.port)]
-    bench.bench_argv = lambda plan, target, level, name: fake + ["bench"]
+    bench.bench_argv = lambda plan, target, level, name, seed: fake + ["bench"]
     from shortgpt_deploy.cli import app
     app(sys.argv[1:])
     """

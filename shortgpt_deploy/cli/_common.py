@@ -32,11 +32,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S")
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, *, stage_lines: bool = False) -> None:
+    """Our records on the console (DEBUG with --verbose); `stage_lines` (build without --verbose): only warnings,
+    errors and one line per stage there, the rest in the stages' log files (runtime.stage_lines_only)."""
+    from ..runtime import stage_lines_only, transient_bars
+
+    transient_bars(False)  # a command before this one (in one process: tests) may have set them
+    handler = RichHandler(console=console, show_path=False, show_time=False)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        handlers=stage_lines_only(handler) if stage_lines and not verbose else [handler],
         force=True,
     )
     for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):

@@ -21,6 +21,7 @@ from ._common import (
     ints,
     out,
     print_scores,
+    print_table,
     setup_logging,
 )
 
@@ -181,8 +182,12 @@ def build(
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Run a recipe: score → plan → prune, then its quantize, eval and bench sections, then report.md."""
-    setup_logging(verbose)
+    """Run a recipe: score → plan → prune, then its quantize, eval and bench sections, then report.md.
+
+    The console shows one line per stage (with progress bars while it runs), warnings and errors, then the
+    headline table and the report's path; everything else, ours and the libraries', is in the run's logs/
+    (--verbose: all of ours on the console too)."""
+    setup_logging(verbose, stage_lines=True)
     from ..pipeline import build as run_build
     from ..preflight import load_recipe
     from ..run import RunDir
@@ -201,20 +206,34 @@ def build(
 
 
 def _print_build(result: BuildResult) -> None:
-    from ..run import RunDir
+    """The plan, the headline table (quality, size and serving speed per variant) and where the rest is."""
+    from ..report import load_run, variant_infos
+    from ..serving_tables import fmt
 
-    run = RunDir(result.run_dir)
-    if result.scores is not None:
-        print_scores(result.scores.scores, result.scores.removal_order, result.scores.metric, set(result.plan.remove))
     out.print(result.plan.summary())
-    out.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.manifest.timings_s.items()))
-    for stage, status in result.manifest.stages.items():
-        out.print(f"  {stage}: {status.text()}")
-    paths = (run.report, run.scores_path, run.plan_path, run.scores_plot, *map(run.checkpoint, ("pruned", "dense-gptq",
-             "pruned-gptq")), run.eval_path, run.bench_summary_path, run.manifest_path)  # fmt: skip
-    for path in paths:
-        if path.exists():
-            out.print(f"  {path}")
+    run = load_run(result.run_dir)
+    infos, summary = variant_infos(run), run.summary.to_dict() if run.summary else None
+    prompted = run.evaluation.prompted_perplexity if run.evaluation else {}
+    level = summary["levels"][0] if summary else None
+    headers = ["variant", "layers", "weights MB", "perplexity"]
+    headers += [f"out tok/s {level}", f"÷ {summary['baseline']}", f"TTFT p50 ms {level}"] if summary else []
+    rows = []
+    for name, info in infos.items():
+        ppl = (
+            fmt(info.perplexity, ".2f") if info.perplexity else fmt((prompted.get(name) or {}).get("perplexity"), ".2f")
+        )
+        row = [name, fmt(info.layers, "d"), fmt(info.weight_bytes / 1e6 if info.weight_bytes else None, ".0f"), ppl]
+        if summary is not None:
+            cell = summary["variants"].get(name, {}).get(level) or {}
+            median, ratio = cell.get("median") or {}, cell.get("tokens_per_s_ratio") or {}
+            row += [fmt(median.get("output_tokens_per_s")), fmt(ratio.get("median"), ".2f")]
+            row += [fmt(median.get("p50_ttft_ms"), ".0f")]
+        rows.append(row)
+    print_table("headline (all of it: report.md)", headers, rows, left=("variant",))
+    if any(name in prompted and not info.perplexity for name, info in infos.items()):
+        out.print("perplexity of a gen variant: its prompted perplexity (its layers skip the prompt only)")
+    out.print(f"report: {run.dir.report}")
+    out.print(f"logs:   {run.dir.logs}/ (libraries' output and ours, one file per stage)")
 
 
 @handles_errors

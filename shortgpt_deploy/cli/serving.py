@@ -124,6 +124,9 @@ def bench(
     slo: Annotated[list[str] | None, typer.Option(help="Goodput SLO, e.g. ttft:500 (ms); repeatable.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer for all variants (default: first DIR).")] = None,
     timeout_s: Annotated[float, typer.Option(help="Limit per vLLM client run.")] = 900.0,
+    restart: Annotated[
+        str, typer.Option(help="per_repeat: a fresh server per repeat; once: every server up, repeats alternating.")
+    ] = "per_repeat",
     append_markdown: Annotated[Path | None, typer.Option(help="Append a Markdown section to this file.")] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -145,7 +148,7 @@ def bench(
         lambda: BenchSpec(
             input_len=input_len, output_len=output_len, num_prompts=num_prompts, dataset=dataset,
             concurrency=_levels(concurrency), request_rates_per_s=_levels(request_rate), repeats=repeats,
-            warmups=warmups, seed=seed, slos=slo or [], timeout_s=timeout_s,
+            warmups=warmups, seed=seed, slos=slo or [], timeout_s=timeout_s, restart=restart,  # type: ignore[arg-type]
         ),
         request_rates_per_s="--request-rate",
         slos="--slo",
@@ -165,7 +168,8 @@ def bench(
 
     try:
         result = b.run_benchmark(
-            variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=spec.timeout_s, options=options
+            variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=spec.timeout_s, options=options,
+            restart=spec.restart,
         )
         summary = result.to_dict()
     except b.BenchIncompleteError as err:
