@@ -33,8 +33,7 @@ class RunRecord:
 
 
 # The fields finish() adds to summarize()'s; absent (None) in summaries written by hand or by early versions.
-_OPTIONAL = ("workload", "ttft_ideal_ratio", "tokenizer", "sources", "dtypes", "provenance", "restart",
-             "server_starts")
+_OPTIONAL = ("workload", "ttft_ideal_ratio", "tokenizer", "sources", "dtypes", "provenance", "restart", "server_starts")
 
 
 @dataclass

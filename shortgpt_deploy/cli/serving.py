@@ -168,7 +168,12 @@ def bench(
 
     try:
         result = b.run_benchmark(
-            variants, workload, out_dir=out_dir, tokenizer=tokenizer, timeout_s=spec.timeout_s, options=options,
+            variants,
+            workload,
+            out_dir=out_dir,
+            tokenizer=tokenizer,
+            timeout_s=spec.timeout_s,
+            options=options,
             restart=spec.restart,
         )
         summary = result.to_dict()
