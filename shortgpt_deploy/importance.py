@@ -301,20 +301,29 @@ def score_layers(
     """Score every decoder layer with `metric` (a key of METRICS) in one pass over the calibration set."""
     from .modeling import decoder_layers
 
+    return scores_from_pass(
+        lambda pairs: collect_stats(model, calibration, pairs=pairs, progress=progress),
+        len(decoder_layers(model)),
+        calibration,
+        metric=metric,
+        model_name=model_name,
+    )
+
+
+def scores_from_pass(
+    collect: Callable[[bool], LayerStats],
+    num_layers: int,
+    calibration: CalibrationSet,
+    *,
+    metric: str,
+    model_name: str,
+) -> LayerScores:
+    """scores.json's content from one pass, `collect(pairs)` (in memory here, or streamed: streaming.py); the
+    fixed orders need no pass, and the pair matrix is collected only for `angular`."""
     if metric not in METRICS:
         raise PlanError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     start = time.perf_counter()
-    if metric in FIXED_ORDER_METRICS:
-        stats = LayerStats(num_layers=len(decoder_layers(model)))
-    else:
-        stats = collect_stats(model, calibration, pairs=metric == "angular", progress=progress)
-    return scores_from_stats(stats, calibration, metric=metric, model_name=model_name, start=start)
-
-
-def scores_from_stats(
-    stats: LayerStats, calibration: CalibrationSet, *, metric: str, model_name: str, start: float
-) -> LayerScores:
-    """scores.json's content from accumulated statistics (in memory here, or streamed: streaming.py)."""
+    stats = LayerStats(num_layers=num_layers) if metric in FIXED_ORDER_METRICS else collect(metric == "angular")
     scores = METRICS[metric](stats)
     all_metrics = {name: fn(stats) for name, fn in METRICS.items()} if stats.num_tokens else {}
     angular = None

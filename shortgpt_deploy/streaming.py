@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,13 +448,12 @@ def score_streamed(
 ) -> LayerScores:
     """importance.score_layers with the layers streamed from `folder` (a float safetensors checkpoint)."""
     from .checkpoint import read_config_layers
-    from .importance import FIXED_ORDER_METRICS, METRICS, LayerStats, scores_from_stats
+    from .importance import scores_from_pass
 
-    if metric not in METRICS:
-        raise PlanError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    start = time.perf_counter()
-    if metric in FIXED_ORDER_METRICS:
-        stats = LayerStats(num_layers=read_config_layers(folder))
-    else:
-        stats = stream_stats(folder, calibration, dtype=dtype, pairs=metric == "angular", progress=progress)
-    return scores_from_stats(stats, calibration, metric=metric, model_name=model_name, start=start)
+    return scores_from_pass(
+        lambda pairs: stream_stats(folder, calibration, dtype=dtype, pairs=pairs, progress=progress),
+        read_config_layers(folder),
+        calibration,
+        metric=metric,
+        model_name=model_name,
+    )
