@@ -259,10 +259,12 @@ def test_full_disk_during_build_leaves_nothing(src: Path, tmp_path: Path, monkey
     result = runner.invoke(app, ["build", str(tmp_path / "recipe.yaml"), "--no-progress"])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    log = Path(os.environ["SHORTGPT_CACHE"]) / "logs" / "run-score.log"  # a build with no run folder logs here
     assert errors == [
         f"error: no space left on the device while writing {run_dir}; free some space or choose "
-        "another output folder (nothing was written)"
+        f"another output folder (nothing was written) (library output: {log})"
     ], result.output
+    assert log.is_file()
     assert os.listdir(run_dir.parent) == []
 
 
