@@ -195,6 +195,7 @@ def test_bench_files_keep_their_layout(tmp_path):
         "duration_s",
         "load_1min",
         "message",
+        "seed",
     ]
     assert run.load_bench_runs() == RUNS
     assert run.bench_result("r1-dense-c1") == run.bench / "r1-dense-c1.json"
