@@ -159,3 +159,12 @@ def hand_made_summary() -> dict:
         ("pruned", "c4", 2, vllm_result(252.0, 70.0)),
     ]
     return summarize(results, variants=["dense", "pruned"], levels=["c1", "c4"], flops={"dense": 300, "pruned": 240})
+
+
+def padded_batch(seq: int = 16, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random sequences of `seq` tokens (ids 3..127), the second right-padded by `pad`: ids and mask."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, 128, (2, seq), generator=g)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, seq - pad :], ids[1, seq - pad :] = 0, 0
+    return ids, mask

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import calibration
+from helpers import calibration, padded_batch
 from tiny import MOE_FAMILIES, tiny_tokenizer
 
 from shortgpt_deploy.errors import UnsupportedArchitectureError
@@ -31,11 +31,7 @@ SEQ, PAD, TOL = 16, 5, 1e-5
 
 # ------------------------------------------------------------------------------------------------ helpers
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, 128, (2, SEQ), generator=g)
-    mask = torch.ones(2, SEQ, dtype=torch.long)
-    mask[1, SEQ - PAD :], ids[1, SEQ - PAD :] = 0, 0
-    return ids, mask
+    return padded_batch(SEQ, PAD)
 
 
 def load(folder: Path) -> Any:

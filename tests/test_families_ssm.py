@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import calibration, dense_folder, load
+from helpers import calibration, dense_folder, load, padded_batch
 from tiny import SSM_FAMILIES
 
 from shortgpt_deploy.checkpoint import read_config
@@ -26,11 +26,7 @@ SEQ, PAD = 16, 5
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, 128, (2, SEQ), generator=g)
-    mask = torch.ones(2, SEQ, dtype=torch.long)
-    mask[1, SEQ - PAD :], ids[1, SEQ - PAD :] = 0, 0
-    return ids, mask
+    return padded_batch(SEQ, PAD)
 
 
 def logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
